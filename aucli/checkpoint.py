@@ -1,0 +1,199 @@
+"""Self-describing, safe checkpoints.
+
+A checkpoint is a ``.pt`` file holding only tensors and plain values, so it opens
+with ``torch.load(weights_only=True)`` and never runs pickled code::
+
+    {"format": "aucli-checkpoint", "format_version": 1,
+     "metadata": {...plain values...}, "state_dict": {...tensors...}, "extra": {...}}
+
+``extra`` carries optional training state (optimiser, scheduler, epoch, RNG).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .aus import get_au_set
+from .errors import AucliError
+
+FORMAT = "aucli-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CheckpointMetadata:
+    """Everything needed to rebuild the model and read its outputs."""
+
+    au_set: str
+    aus: list[int]
+    au_names: list[str]
+    backbone: str
+    feature_dim: int
+    clip_length: int
+    k: int
+    thresholds: list[float]
+    input_size: int = 224
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    source: dict[str, Any] = field(default_factory=dict)
+    aucli_version: str = __version__
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        return {"au_set": self.au_set, "backbone": self.backbone, "k": self.k, "feature_dim": self.feature_dim}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> CheckpointMetadata:
+        names = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        absent = sorted(required - data.keys())
+        if absent:
+            raise AucliError(f"{where}: metadata lacks {', '.join(absent)}")
+        meta = cls(**{k: v for k, v in data.items() if k in names})
+        meta.validate(where)
+        return meta
+
+    def validate(self, where: str) -> None:
+        try:
+            au_set = get_au_set(self.au_set)
+        except ValueError as exc:
+            raise AucliError(f"{where}: {exc}") from None
+        if list(self.aus) != list(au_set.aus):
+            raise AucliError(f"{where}: AU list {self.aus} does not match AU set {self.au_set}")
+        if len(self.thresholds) != len(self.aus):
+            raise AucliError(f"{where}: {len(self.thresholds)} thresholds for {len(self.aus)} AUs")
+        if self.clip_length < 2 * self.k + 1:
+            raise AucliError(f"{where}: clip length {self.clip_length} is too short for k={self.k}")
+
+
+@dataclass
+class Checkpoint:
+    metadata: CheckpointMetadata
+    state_dict: dict[str, torch.Tensor]
+    extra: dict[str, Any]
+
+
+def make_metadata(
+    model: torch.nn.Module,
+    clip_length: int,
+    thresholds: list[float] | None = None,
+    source: dict[str, Any] | None = None,
+) -> CheckpointMetadata:
+    au_set = model.au_set
+    cfg = model.config
+    meta = CheckpointMetadata(
+        au_set=au_set.name,
+        aus=list(au_set.aus),
+        au_names=au_set.names,
+        backbone=cfg["backbone"],
+        feature_dim=cfg["feature_dim"],
+        clip_length=int(clip_length),
+        k=cfg["k"],
+        thresholds=[float(t) for t in (thresholds or [0.5] * au_set.num_aus)],
+        source=dict(source or {"kind": "random"}),
+    )
+    meta.validate("checkpoint")
+    return meta
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    *,
+    clip_length: int,
+    thresholds: list[float] | None = None,
+    source: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> CheckpointMetadata:
+    """Write a checkpoint atomically (temporary file, then rename)."""
+    meta = make_metadata(model, clip_length, thresholds, source)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "metadata": asdict(meta),
+        "state_dict": state,
+        "extra": extra or {},
+    }
+    write_atomic(path, payload)
+    return meta
+
+
+def write_atomic(path: str | Path, payload: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and check a checkpoint without running any pickled code."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise AucliError(f"{where}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it holds pickled objects, which aucli refuses to load"
+        raise AucliError(f"{where}: not a readable aucli checkpoint ({reason[:200]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        hint = ""
+        if isinstance(obj, dict) and ("state_dict" in obj or any(str(k).startswith(("module.", "MFD.")) for k in obj)):
+            hint = "; a reference MDHR checkpoint? convert it with `aucli convert-official`"
+        raise AucliError(f"{where}: not an aucli checkpoint{hint}")
+    if obj.get("format_version") != FORMAT_VERSION:
+        raise AucliError(f"{where}: unsupported checkpoint format version {obj.get('format_version')!r}")
+    if not isinstance(obj.get("metadata"), dict) or not isinstance(obj.get("state_dict"), dict):
+        raise AucliError(f"{where}: checkpoint lacks metadata or state_dict")
+    try:
+        meta = CheckpointMetadata.from_dict(obj["metadata"], where)
+    except TypeError as exc:
+        raise AucliError(f"{where}: malformed metadata ({exc})") from None
+    return Checkpoint(meta, obj["state_dict"], obj.get("extra") or {})
+
+
+def build_model(ckpt: Checkpoint, where: str = "checkpoint") -> torch.nn.Module:
+    """Instantiate the model a checkpoint describes and fill it, checking tensors against metadata."""
+    from .model import MDHR
+
+    model = MDHR(**ckpt.metadata.model_config)
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in ckpt.state_dict)
+    unexpected = sorted(k for k in ckpt.state_dict if k not in own)
+    bad_shape = [k for k in own if k in ckpt.state_dict and ckpt.state_dict[k].shape != own[k].shape]
+    if missing or unexpected or bad_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensor(s), e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
+        if bad_shape:
+            k = bad_shape[0]
+            parts.append(f"shape of {k} is {tuple(ckpt.state_dict[k].shape)}, expected {tuple(own[k].shape)}")
+        raise AucliError(f"{where}: metadata and tensors disagree: {'; '.join(parts)}")
+    model.load_state_dict(ckpt.state_dict, strict=True)
+    return model
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load an aucli checkpoint: the MDHR model in eval mode, with ``.metadata`` attached."""
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt, str(path))
+    model.metadata = ckpt.metadata
+    return model.to(device).eval()

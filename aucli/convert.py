@@ -1,0 +1,74 @@
+"""Import checkpoints written by the reference implementation (spec §6.5, §8)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointMetadata, save_checkpoint
+from .errors import AucliError, UsageError
+from .model import MDHR
+from .model.reference import convert_reference_state, unwrap_state_dict
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_from_reference_state(state: object, dataset: str, backbone: str, k: int = 5) -> MDHR:
+    """A reference state dict (bare, wrapped, or DataParallel-prefixed) -> an aucli MDHR in eval mode."""
+    model = MDHR(dataset, backbone=backbone, k=k)
+    converted = convert_reference_state(unwrap_state_dict(state), model)
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+def convert_official_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    dataset: str,
+    backbone: str = "resnet50",
+    *,
+    clip_length: int = 16,
+    k: int = 5,
+    threshold: float = 0.5,
+    overwrite: bool = False,
+) -> CheckpointMetadata:
+    """Convert ``source`` (.pth from CVI-SZU/MDHR) into an aucli checkpoint at ``output``."""
+    source, output = Path(source), Path(output)
+    if not source.is_file():
+        raise AucliError(f"{source}: file not found")
+    if output.exists() and not overwrite:
+        raise UsageError(f"{output}: already exists (use --force to overwrite)")
+    if output.suffix != ".pt":
+        raise UsageError(f"{output}: aucli checkpoints end in .pt")
+    try:
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AucliError(f"{source}: not a readable PyTorch checkpoint ({first[:160]})") from None
+    try:
+        model = model_from_reference_state(obj, dataset, backbone, k)
+    except AucliError as exc:
+        raise AucliError(f"{source}: not a reference {dataset}/{backbone} checkpoint: {exc}") from None
+    epoch = obj.get("epoch") if isinstance(obj, dict) else None
+    return save_checkpoint(
+        output,
+        model,
+        clip_length=clip_length,
+        thresholds=[threshold] * model.au_set.num_aus,
+        source={
+            "kind": "converted",
+            "converted_from": source.name,
+            "converted_sha256": sha256_of(source),
+            "reference": "CVI-SZU/MDHR",
+            "dataset": dataset,
+            "epoch": epoch if isinstance(epoch, int) else None,
+        },
+    )
