@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .aus import AU_SETS, get_au_set
 from .checkpoint import CheckpointMetadata, save_checkpoint
 from .errors import AucliError, UsageError
 from .model import MDHR
@@ -23,10 +24,29 @@ def sha256_of(path: str | Path) -> str:
 
 def model_from_reference_state(state: object, dataset: str, backbone: str, k: int = 5) -> MDHR:
     """A reference state dict (bare, wrapped, or DataParallel-prefixed) -> an aucli MDHR in eval mode."""
+    state = unwrap_state_dict(state)
+    _check_kind(state, dataset, backbone)
     model = MDHR(dataset, backbone=backbone, k=k)
-    converted = convert_reference_state(unwrap_state_dict(state), model)
+    converted = convert_reference_state(state, model)
     model.load_state_dict(converted, strict=True)
     return model.eval()
+
+
+def _check_kind(state: dict[str, torch.Tensor], dataset: str, backbone: str) -> None:
+    """Name the likely wrong option before listing dozens of mismatched keys."""
+    classifier = state.get("node_classifier.sc")
+    expected = get_au_set(dataset).num_aus
+    if classifier is not None and classifier.shape[0] != expected:
+        fits = [s.name for s in AU_SETS.values() if s.num_aus == classifier.shape[0]]
+        hint = f" (looks like {fits[0]})" if fits else ""
+        raise AucliError(
+            f"it holds {classifier.shape[0]} AUs but {dataset} has {expected}{hint}: wrong --dataset?"
+        )
+    is_swin = any(k.startswith("Backbone.layers.") for k in state)
+    is_resnet = any(k.startswith("Backbone.layer1.") for k in state)
+    if (is_swin and not backbone.startswith("swin")) or (is_resnet and not backbone.startswith("resnet")):
+        actual = "a Swin" if is_swin else "a ResNet"
+        raise AucliError(f"its backbone is {actual}, not {backbone}: wrong --backbone?")
 
 
 def convert_official_checkpoint(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import zlib
 from pathlib import Path
 
@@ -13,12 +12,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def spec_dir() -> Path | None:
-    """The shared spec folder: $AUCLI_SPEC_DIR, else ../shared/spec beside the checkout."""
-    for candidate in (os.environ.get("AUCLI_SPEC_DIR"), REPO.parent / "shared" / "spec", REPO / "shared" / "spec"):
-        if candidate and Path(candidate, "fixtures").is_dir():
-            return Path(candidate)
-    return None
+REFERENCE_DIR = REPO / "tests" / "reference"  # copies of ../shared/spec/fixtures and key lists
 
 
 FIXTURES = {
@@ -74,3 +68,22 @@ def reference_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 def load_fixture(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+def reference_state_for(fixture: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], str, str]:
+    """The reference-format state dict behind a fixture, plus its dataset and backbone."""
+    from aucli.model import MDHR
+    from aucli.model.reference import map_reference_keys
+
+    dataset, backbone, key_file = FIXTURES[fixture]
+    keys = read_key_list(REFERENCE_DIR / key_file)
+    structural: dict[str, torch.Tensor] = {}
+    if backbone.startswith("swin"):
+        # Index and mask buffers are structure, kept as the module creates them (fixture README).
+        probe = MDHR(dataset, backbone)
+        buffers = dict(probe.named_buffers())
+        for key, _ in keys:
+            if key.endswith(("relative_position_index", "attn_mask")):
+                _, mapped, _ = map_reference_keys({key: torch.empty(0)}, "swin")
+                structural[key] = buffers[next(iter(mapped))]
+    return reference_state(keys, seed, structural), dataset, backbone

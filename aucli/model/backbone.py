@@ -74,6 +74,10 @@ class Backbone(nn.Module):
         self.name = name
         self.family = spec.family
         kwargs = dict(spec.kwargs)
+        if spec.family == "resnet":
+            # torchvision (the reference's ResNet) keeps the last BN of each block at 1;
+            # timm's zero init would starve the residual branches at a random start.
+            kwargs["zero_init_last"] = False
         if spec.family == "resnet" and "layers" in kwargs:
             from timm.models.resnet import BasicBlock, ResNet
 

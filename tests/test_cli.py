@@ -1,0 +1,59 @@
+"""The command line: help, lazy imports, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "aucli", *args], capture_output=True, text=True, **kw)
+
+
+def test_help_lists_commands():
+    out = _run("--help")
+    assert out.returncode == 0
+    for command in ("convert-official",):
+        assert command in out.stdout
+
+
+def test_root_help_imports_no_heavy_library():
+    code = (
+        "import sys; from aucli import cli; "
+        "heavy = [m for m in ('torch', 'timm', 'av', 'cv2', 'facenet_pytorch', 'pandas') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == ""
+
+
+def test_convert_help_documents_options():
+    out = _run("convert-official", "--help")
+    assert out.returncode == 0
+    for option in ("--dataset", "--backbone", "--output", "--clip-length", "--force"):
+        assert option in out.stdout
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    out = _run("convert-official", str(tmp_path / "missing.pth"), "-d", "bp4d", "-o", str(tmp_path / "m.pt"))
+    assert out.returncode == 1
+    assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+    assert "missing.pth" in out.stderr
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    target = tmp_path / "m.pt"
+    target.write_text("keep me")
+    src = tmp_path / "x.pth"
+    src.write_text("x")
+    out = _run("convert-official", str(src), "-d", "bp4d", "-o", str(target))
+    assert out.returncode == 2 and "already exists" in out.stderr
+    assert target.read_text() == "keep me"
+
+
+def test_version():
+    out = _run("--version")
+    assert out.returncode == 0 and out.stdout.startswith("aucli ")
