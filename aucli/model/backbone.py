@@ -127,7 +127,7 @@ class Backbone(nn.Module):
                 f"could not fetch ImageNet weights {tag!r} from the timm hub ({reason}); "
                 "connect to the network, or pass --backbone-weights FILE with a local copy"
             ) from None
-        self.model.load_state_dict(source.state_dict(), strict=False)
+        self.model.load_state_dict(source.state_dict(), strict=True)
 
     def load_weights_file(self, path: str | Path) -> None:
         """Load backbone weights from a local file (a timm/torchvision state dict, or {'model': ...})."""

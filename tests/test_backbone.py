@@ -1,0 +1,70 @@
+"""Backbone starts: local weights files (timm/torchvision and official Swin layouts) and offline ImageNet."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from aucli.errors import AucliError
+from aucli.model import MDHR
+from aucli.model.backbone import Backbone
+
+
+def test_local_resnet_weights_file_with_classifier_head(tmp_path):
+    source = timm.create_model("resnet18", pretrained=False)  # torchvision/timm names, with fc
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    model = MDHR("bp4d", "resnet18", backbone_weights=path)
+    own = model.backbone.model.state_dict()
+    for key, value in own.items():
+        torch.testing.assert_close(value, source.state_dict()[key])
+
+
+def test_official_swin_layout_is_shifted(tmp_path):
+    # The official Swin release keeps patch merging at the END of stages 0-2, under {"model": ...}.
+    source = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
+    official = {}
+    for key, value in source.state_dict().items():
+        if ".downsample." in key:
+            stage = int(key.split(".")[1])
+            key = key.replace(f"layers.{stage}.", f"layers.{stage - 1}.", 1)
+        official[key] = value
+    assert any(k.startswith("layers.0.downsample.") for k in official)
+    path = tmp_path / "swin_tiny_official.pth"
+    torch.save({"model": official}, path)
+    backbone = Backbone("swin_tiny", weights_file=path)
+    for key, value in backbone.model.state_dict().items():
+        torch.testing.assert_close(value, source.state_dict()[key])
+
+
+def test_incomplete_weights_file_is_refused(tmp_path):
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    state.pop("layer4.1.conv2.weight")
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    with pytest.raises(AucliError, match="missing"):
+        Backbone("resnet18", weights_file=path)
+
+
+def test_weights_file_not_found(tmp_path):
+    with pytest.raises(AucliError, match="not found"):
+        Backbone("resnet18", weights_file=tmp_path / "nope.pth")
+
+
+def test_pretrained_without_network_says_so(monkeypatch):
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kw):
+        if pretrained:
+            raise ConnectionError("Failed to resolve 'huggingface.co'")
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(AucliError, match=r"resnet18\.tv_in1k.*--backbone-weights"):
+        Backbone("resnet18", pretrained=True)
+
+
+def test_unknown_backbone():
+    with pytest.raises(AucliError, match="unknown backbone"):
+        Backbone("vgg16")
