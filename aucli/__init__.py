@@ -21,3 +21,18 @@ def load_model(path: str, device: str = "cpu") -> "torch.nn.Module":
     from .checkpoint import load_model as _load
 
     return _load(path, device)
+
+
+if TYPE_CHECKING:
+    import pandas
+
+
+def detect(path: str, checkpoint: str | None = None, **options: Any) -> "pandas.DataFrame":
+    """AU table of one video as a DataFrame (one row per frame; metadata in ``.attrs``).
+
+    Options as the command line: device, batch_size, faces, threshold, fps, ...
+    (see ``aucli.pipeline.detect``).
+    """
+    from .pipeline import detect as _detect
+
+    return _detect(path, checkpoint, **options)

@@ -145,13 +145,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     where = str(path)
     if not path.is_file():
         raise AucliError(f"{where}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise AucliError(f"{where}: not an aucli checkpoint (the file is empty)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text:
             reason = "it holds pickled objects, which aucli refuses to load"
-        raise AucliError(f"{where}: not a readable aucli checkpoint ({reason[:200]})") from None
+        else:
+            reason = "not a PyTorch file, or a damaged one"
+        raise AucliError(f"{where}: not a readable aucli checkpoint ({reason})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         hint = ""
         if isinstance(obj, dict) and ("state_dict" in obj or any(str(k).startswith(("module.", "MFD.")) for k in obj)):

@@ -1,0 +1,174 @@
+"""The work behind ``aucli detect``: expand inputs, name outputs, run each input,
+show progress and summaries, collect failures. ``cli.py`` only parses options.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .errors import AucliError, UsageError
+from .video import VideoInfo, expand_input
+from .writers import WRITERS, check_writable, get_writer
+
+
+@dataclass
+class Job:
+    source: Path
+    output: Path
+
+
+def plan_outputs(
+    sources: list[Path], output: Path | None, format: str | None
+) -> tuple[list[Job], str, Path | None, list[str]]:
+    """Decide where each input's table goes -> (jobs, format, folder to create, notes).
+
+    One input: ``-o`` may name the file (its suffix picks the format). Several:
+    ``-o`` is a folder. Without ``-o``: ``<stem>.<ext>`` in the current folder.
+    Two inputs with the same stem get their parent folder's name as a prefix,
+    never one overwriting the other.
+    """
+    suffix = output.suffix.lower().lstrip(".") if output is not None else ""
+    to_file = output is not None and suffix in WRITERS and not output.is_dir()
+    if to_file and len(sources) > 1:
+        raise UsageError(f"-o {output}: with {len(sources)} inputs, -o must be a folder")
+    if to_file and format and format != suffix:
+        raise UsageError(f"-o {output} does not match --format {format}")
+    format = format or (suffix if to_file else "csv")
+    if to_file:
+        return [Job(sources[0], output)], format, None, []
+    folder = output or Path(".")
+    names, notes = _unique_names(sources)
+    jobs = [Job(s, folder / f"{n}.{format}") for s, n in zip(sources, names)]
+    return jobs, format, output, notes
+
+
+def _unique_names(sources: list[Path]) -> tuple[list[str], list[str]]:
+    names = [s.stem for s in sources]
+    notes = []
+    for stem in sorted({n for n in names if names.count(n) > 1}):
+        clashing = [i for i, n in enumerate(names) if n == stem]
+        for i in clashing:
+            names[i] = f"{sources[i].resolve().parent.name}_{stem}"
+        notes.append(f"inputs share the name {stem!r}; writing {', '.join(names[i] for i in clashing)}")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):  # still equal (same parent name): number them
+        seen[n] = seen.get(n, 0) + 1
+        if seen[n] > 1:
+            names[i] = f"{n}-{seen[n]}"
+    return names, notes
+
+
+class _Bar:
+    """A rich progress bar on stderr: frames, frames/s, ETA."""
+
+    def __init__(self, console: Console, label: str) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description}", style="bold", markup=False),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("frames"),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self._label = label
+        self._task = None
+        self._start = time.perf_counter()
+        self._done = 0
+
+    def start(self, info: VideoInfo) -> None:
+        self._progress.start()
+        self._task = self._progress.add_task(self._label, total=info.frame_count, rate="")
+
+    def advance(self, frames: int) -> None:
+        self._done += frames
+        rate = self._done / max(time.perf_counter() - self._start, 1e-9)
+        self._progress.update(self._task, advance=frames, rate=f"{rate:.1f} frames/s")
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def summary_line(name: str, table: Any, write_seconds: float, output: Path) -> str:
+    summary = table.attrs["summary"]
+    frames = summary["frames"]
+    share = summary["frames_with_face"] / frames if frames else 0.0
+    stages = dict(summary["stages"], write=write_seconds)
+    total = summary["seconds"] + write_seconds
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
+    return (
+        f"{name}: {frames} frames, {share:.0%} with a face, {frames / max(total, 1e-9):.1f} frames/s "
+        f"({timing}) -> {output}"
+    )
+
+
+def run_detect(
+    inputs: list[str],
+    output: Path | None = None,
+    format: str | None = None,
+    quiet: bool = False,
+    **options: Any,
+) -> int:
+    """Run detection on every input; returns the exit status (0, or 1 if any failed)."""
+    from .pipeline import Detector
+
+    console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+    failures: list[str] = []
+    sources: list[Path] = []
+    for spec in inputs:
+        try:
+            sources.extend(expand_input(spec))
+        except AucliError as error:
+            failures.append(str(error))
+    if not sources:
+        raise AucliError("; ".join(failures) or "no inputs")
+    missing_inputs = len(failures)
+    jobs, format, folder, notes = plan_outputs(sources, output, format)
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise AucliError(f"-o {folder}: cannot create folder ({error.strerror})") from None
+    for note in notes:
+        console.print(f"aucli: note: {note}")
+    detector = Detector(**options)
+    writer = get_writer(format)
+    for job in jobs:
+        name = str(job.source)
+        # A bar only on a terminal: redirected to a log it would be noise.
+        bar = _Bar(console, job.source.name) if console.is_terminal and not quiet else None
+        try:
+            check_writable(job.output, name)
+            table = detector.run(job.source, bar)
+            if bar:
+                bar.stop()
+            start = time.perf_counter()
+            writer.write(table, job.output)
+            written = time.perf_counter() - start
+        except (AucliError, OSError, RuntimeError, ValueError) as error:
+            if bar:
+                bar.stop()
+            message = str(error) if isinstance(error, AucliError) else f"{name}: {error}"
+            failures.append(message.splitlines()[0] if message else f"{name}: {type(error).__name__}")
+            if len(jobs) == 1 and not missing_inputs:
+                raise AucliError(failures[-1]) from None
+            console.print(f"aucli: error: {failures[-1]}")
+            continue
+        for warning in table.attrs.get("warnings", []):
+            console.print(f"aucli: warning: {warning}")
+        if not quiet:
+            console.print(summary_line(name, table, written, job.output))
+    if failures:
+        total = len(jobs) + missing_inputs
+        console.print(f"aucli: {len(failures)} of {total} input(s) failed:")
+        for failure in failures:
+            console.print(f"  {failure}")
+        return 1
+    return 0

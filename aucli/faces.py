@@ -1,0 +1,246 @@
+"""Faces: MTCNN detection, 5-point alignment, landmark smoothing and tracking.
+
+``align_face`` and ``face_to_tensor`` are the only way aucli turns a frame into
+model input; dataset preparation calls the same two functions, so training and
+detection see identical crops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
+
+ALIGN_SIZE = 256  # aligned crop size, as the reference's training images (spec §6.3)
+
+# Canonical positions of the 5 MTCNN landmarks in a 256x256 crop: left eye,
+# right eye, nose tip, left and right mouth corner (image left/right).
+# Chosen from average adult proportions, with the eye distance D = 72 px:
+# brows sit about 0.4 D above the eyes (y ~ 55) and the chin about 0.7 D below
+# the mouth (y ~ 217). That keeps forehead wrinkles (AU1/AU2) and the chin
+# (AU17) inside the crop with ~35 px to spare, so training's random 224 crop
+# (offsets 0..32, spec §6.3) never cuts them off, and it lands the features
+# on the rows of the 7x7 map the model reads them from (spec §0.2, §3.1; one
+# row = 36.6 px): brows and eyes in rows 0-2 (eyes at row 2.3), nose in rows
+# 2-4 (row 3.4), mouth and chin in rows 4-6 (mouth at row 4.6, chin at 5.9).
+TEMPLATE = np.array(
+    [[92.0, 84.0], [164.0, 84.0], [128.0, 126.0], [99.0, 167.0], [157.0, 167.0]],
+    dtype=np.float64,
+)
+
+
+@dataclass
+class FaceDetection:
+    """One face found by the detector, in source-image pixels."""
+
+    box: np.ndarray  # (4,) float x1, y1, x2, y2
+    landmarks: np.ndarray  # (5, 2) float (x, y): left eye, right eye, nose, left/right mouth corner
+    confidence: float
+
+    @property
+    def area(self) -> float:
+        return float(max(self.box[2] - self.box[0], 0) * max(self.box[3] - self.box[1], 0))
+
+
+class FaceDetector:
+    """facenet-pytorch's MTCNN (weights ship inside the package), batched over frames."""
+
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        min_face_size: int = 40,
+        min_confidence: float = 0.9,
+    ) -> None:
+        from facenet_pytorch import MTCNN
+
+        self.device = torch.device(device)
+        self.min_confidence = min_confidence
+        self._mtcnn = MTCNN(keep_all=True, min_face_size=min_face_size, device=self.device)
+
+    @torch.inference_mode()
+    def detect(self, images: list[np.ndarray]) -> list[list[FaceDetection]]:
+        """RGB uint8 (H, W, 3) images -> faces per image, largest first."""
+        results: list[list[FaceDetection]] = [[] for _ in images]
+        # MTCNN batches only same-size images; image sequences may mix sizes.
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(i)
+        for indices in by_shape.values():
+            batch = np.stack([images[i] for i in indices])
+            boxes, probs, points = self._mtcnn.detect(batch, landmarks=True)
+            for j, i in enumerate(indices):
+                if boxes[j] is None:
+                    continue
+                faces = [
+                    FaceDetection(np.asarray(b, np.float64), np.asarray(p, np.float64), float(c))
+                    for b, c, p in zip(boxes[j], probs[j], points[j])
+                    if c >= self.min_confidence
+                ]
+                results[i] = sorted(faces, key=lambda f: f.area, reverse=True)
+        return results
+
+
+def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, shift; no reflection) mapping
+    ``source`` points onto ``target`` points (Umeyama 1991) -> (2, 3) affine matrix."""
+    source = np.asarray(source, np.float64)
+    target = np.asarray(target, np.float64)
+    mean_s, mean_t = source.mean(0), target.mean(0)
+    s, t = source - mean_s, target - mean_t
+    variance = (s**2).sum() / len(s)
+    if variance < 1e-12:
+        raise ValueError("landmarks collapse to one point; cannot align")
+    u, sigma, vt = np.linalg.svd(t.T @ s / len(s))
+    flip = np.diag([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt)) or 1.0])
+    rotation = u @ flip @ vt
+    scale = float((sigma * np.diag(flip)).sum() / variance)
+    shift = mean_t - scale * rotation @ mean_s
+    return np.hstack([scale * rotation, shift[:, None]])
+
+
+def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = ALIGN_SIZE) -> np.ndarray:
+    """Warp the face with these 5 landmarks onto the canonical template -> (size, size, 3) uint8 RGB."""
+    matrix = similarity_transform(landmarks, TEMPLATE * (size / ALIGN_SIZE))
+    return cv2.warpAffine(
+        image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
+
+
+def face_to_tensor(
+    faces: np.ndarray,
+    size: int = INPUT_SIZE,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Aligned faces (H, W, 3) or (M, H, W, 3) uint8 RGB -> (3|M,3, size, size) model input.
+
+    The whole 256 crop is scaled to 224, no centre crop, then ImageNet
+    normalisation: the reference's test transform (spec §6.3). Antialiased
+    bilinear resizing approximates the PIL resize the reference used.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(faces))
+    single = x.dim() == 3
+    x = (x[None] if single else x).permute(0, 3, 1, 2).float().div_(255.0)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return x[0] if single else x
+
+
+def smooth_landmarks(landmarks: np.ndarray, radius: int = 2) -> np.ndarray:
+    """(F, 5, 2) landmarks of one track segment -> the same, lightly smoothed over time.
+
+    MFD differences neighbouring frames, so detector jitter in the landmarks
+    would reach the model as fake motion. A binomial kernel of 2*radius+1 taps
+    (1 4 6 4 1 for radius 2, sigma ~ 1 frame) is cut at the segment ends and
+    renormalised, so frame i depends only on frames i-radius..i+radius of its
+    own segment: any window of the segment holding those gives the same value.
+    """
+    landmarks = np.asarray(landmarks, np.float64)
+    if radius <= 0 or len(landmarks) < 2:
+        return landmarks.copy()
+    taps = np.array([1.0])
+    for _ in range(2 * radius):
+        taps = np.convolve(taps, [1.0, 1.0])
+    count = len(landmarks)
+    out = np.empty_like(landmarks)
+    for i in range(count):
+        lo, hi = max(i - radius, 0), min(i + radius + 1, count)
+        w = taps[lo - i + radius : hi - i + radius]
+        out[i] = np.tensordot(w / w.sum(), landmarks[lo:hi], axes=1)
+    return out
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two x1, y1, x2, y2 boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(w, 0.0) * max(h, 0.0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+@dataclass
+class TrackedFace:
+    """A detection with its identity: the face it belongs to and its unbroken run."""
+
+    face_id: int  # stable across the video (0 for the one face of --faces largest)
+    segment: int  # new whenever this face's run of consecutive frames starts again
+    detection: FaceDetection
+
+
+class FaceTracker:
+    """Greedy IoU tracking, frame by frame.
+
+    ``mode="all"`` keeps every face with a stable id; a face that vanishes and
+    comes back near its last box within ``memory`` frames keeps its id, but
+    its segment is split, since the model needs consecutive frames.
+    ``mode="largest"`` follows one main face: it stays with the face it
+    follows while that face is found, and otherwise takes the largest face.
+    """
+
+    def __init__(self, mode: str = "largest", min_iou: float = 0.3, memory: int = 30) -> None:
+        if mode not in ("largest", "all"):
+            raise ValueError(f"unknown face mode {mode!r}")
+        self.mode = mode
+        self.min_iou = min_iou
+        self.memory = memory
+        self._last: dict[int, tuple[int, np.ndarray]] = {}  # track id -> (frame, box)
+        self._runs: dict[int, int] = {}  # track id -> segment, for tracks output last frame
+        self._frame = -1
+        self._next_track = 0
+        self._next_segment = 0
+        self._main: int | None = None
+
+    def update(self, detections: list[FaceDetection]) -> list[TrackedFace]:
+        """Faces of the next frame (largest first) -> the tracked faces to report."""
+        self._frame += 1
+        tracks = self._match(detections)
+        if self.mode == "largest":
+            if detections and self._main not in tracks:
+                self._main = tracks[0]  # detections come largest first
+            chosen = [(0, tracks.index(self._main), self._main)] if detections else []
+        else:
+            chosen = [(track, i, track) for i, track in enumerate(tracks)]
+        runs, out = {}, []
+        for face_id, i, track in chosen:
+            if track in self._runs:
+                runs[track] = self._runs[track]
+            else:
+                runs[track], self._next_segment = self._next_segment, self._next_segment + 1
+            out.append(TrackedFace(face_id, runs[track], detections[i]))
+        self._runs = runs
+        return sorted(out, key=lambda f: f.face_id)
+
+    def _match(self, detections: list[FaceDetection]) -> list[int]:
+        """Track id for each detection: best IoU first, new ids for the unmatched."""
+        live = {t: box for t, (frame, box) in self._last.items() if self._frame - frame <= self.memory}
+        pairs = sorted(
+            (
+                (box_iou(box, d.box), t, i)
+                for t, box in live.items()
+                for i, d in enumerate(detections)
+            ),
+            reverse=True,
+        )
+        assigned: dict[int, int] = {}
+        used: set[int] = set()
+        for iou, track, i in pairs:
+            if iou < self.min_iou:
+                break
+            if i not in assigned and track not in used:
+                assigned[i] = track
+                used.add(track)
+        ids = []
+        for i, detection in enumerate(detections):
+            if i not in assigned:
+                assigned[i], self._next_track = self._next_track, self._next_track + 1
+            ids.append(assigned[i])
+            self._last[assigned[i]] = (self._frame, detection.box)
+        self._last = {t: v for t, v in self._last.items() if self._frame - v[0] <= self.memory}
+        return ids

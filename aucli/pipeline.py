@@ -1,0 +1,368 @@
+"""detect: frames -> faces -> aligned, smoothed tracks -> windows -> per-frame AU rows.
+
+Everything streams: frames are decoded in groups of ``DETECTION_BATCH``, faces are
+detected on the group, aligned a few frames behind (landmark smoothing looks
+``smoothing`` frames ahead), and the model runs once per frame as faces arrive
+(aucli/windows.py). A frame's row is complete once all its faces have their
+probabilities; rows come out in frame order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import deque
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from .errors import UsageError
+from .faces import FaceDetector, FaceTracker, TrackedFace, align_face, face_to_tensor, smooth_landmarks
+from .video import DEFAULT_FPS, Frame, VideoInfo, open_video
+from .windows import WindowPredictor
+
+STAGES = ("decode", "faces", "model")
+# MTCNN refines candidate boxes of all images of a call together, so a face's
+# landmarks shift (~1e-5 px) with whatever else is in the call. Detecting in
+# fixed groups of frames, counted from the start of the video, keeps results
+# independent of --batch-size (which sizes the model's batches).
+DETECTION_BATCH = 16
+FACE_MODES = ("largest", "all")
+NO_FACE_ID = {"largest": 0, "all": -1}  # face_id on rows of frames where no face was found
+CHECKPOINT_HELP = (
+    "pass --checkpoint PATH, set AUCLI_CHECKPOINT, or put one .pt file in ./weights/; "
+    "get one by training (`aucli train`) or by converting a reference MDHR checkpoint "
+    "(`aucli convert-official`)"
+)
+
+
+class Progress(Protocol):
+    def start(self, info: VideoInfo) -> None: ...
+    def advance(self, frames: int) -> None: ...
+
+
+def resolve_checkpoint(checkpoint: str | Path | None = None) -> Path:
+    """--checkpoint, else $AUCLI_CHECKPOINT, else the single .pt file in ./weights/."""
+    chosen = checkpoint or os.environ.get("AUCLI_CHECKPOINT")
+    if chosen:
+        path = Path(chosen)
+        if not path.is_file():
+            raise UsageError(f"{path}: checkpoint not found; {CHECKPOINT_HELP}")
+        return path
+    found = sorted(Path("weights").glob("*.pt"))
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        names = ", ".join(str(p) for p in found)
+        raise UsageError(f"weights/ holds several checkpoints ({names}); choose one with --checkpoint")
+    raise UsageError(f"no checkpoint: {CHECKPOINT_HELP}")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """auto -> the first CUDA device when present, else the CPU."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if (chosen.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif chosen.type != "cpu":
+        raise UsageError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    return chosen
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class StageTimer:
+    """Wall time spent per pipeline stage."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class _Record:
+    """One decoded frame waiting for the probabilities of its faces (the image
+    itself is not kept here: only the aligner holds it, a few frames at most)."""
+
+    index: int
+    timestamp: float
+    faces: list[TrackedFace]
+    probs: list[np.ndarray | None] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return all(p is not None for p in self.probs)
+
+
+class _Aligner:
+    """Aligns faces with landmarks smoothed over their segment, ``radius`` frames behind."""
+
+    def __init__(self, radius: int) -> None:
+        self.radius = max(0, radius)
+        self._segments: dict[int, dict[str, Any]] = {}
+
+    def add(self, segment: int, key: Hashable, image: np.ndarray, landmarks: np.ndarray) -> list:
+        seg = self._segments.setdefault(segment, {"first": 0, "landmarks": [], "waiting": deque()})
+        seg["landmarks"].append(landmarks)
+        seg["waiting"].append((key, image))
+        return self._ready(segment, final=False)
+
+    def end(self, segment: int) -> list:
+        return self._ready(segment, final=True) if segment in self._segments else []
+
+    def _ready(self, segment: int, final: bool) -> list:
+        """(segment, key, aligned face) for each face whose smoothing window is known."""
+        seg = self._segments[segment]
+        lms, waiting, r = seg["landmarks"], seg["waiting"], self.radius
+        known = seg["first"] + len(lms)  # segment positions known so far: first .. known-1
+        out = []
+        while waiting:
+            position = known - len(waiting)
+            if not final and position + r >= known:
+                break
+            lo = max(position - r, seg["first"])
+            hi = min(position + r + 1, known)
+            # Passing just lo..hi gives the same value as smoothing the whole segment.
+            window = np.stack(lms[lo - seg["first"] : hi - seg["first"]])
+            smoothed = smooth_landmarks(window, r)[position - lo]
+            key, image = waiting.popleft()
+            out.append((segment, key, align_face(image, smoothed)))
+        # Keep only the landmarks later faces of this segment still need.
+        drop = max(0, known - len(waiting) - r - seg["first"])
+        del lms[:drop]
+        seg["first"] += drop
+        if final:
+            del self._segments[segment]
+        return out
+
+    def open_segments(self) -> list[int]:
+        return list(self._segments)
+
+
+class Detector:
+    """A loaded checkpoint and face detector, ready to run on any number of videos."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        *,
+        device: str | torch.device = "auto",
+        batch_size: int = 16,
+        faces: str = "largest",
+        threshold: float | None = None,
+        fps: float = DEFAULT_FPS,
+        smoothing: int = 2,
+        min_face_size: int = 40,
+        min_confidence: float = 0.9,
+    ) -> None:
+        from .checkpoint import load_model
+
+        if faces not in FACE_MODES:
+            raise UsageError(f"--faces {faces}: expected one of {', '.join(FACE_MODES)}")
+        if batch_size < 1:
+            raise UsageError(f"--batch-size {batch_size}: must be at least 1")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise UsageError(f"--threshold {threshold}: must lie between 0 and 1")
+        self.device = resolve_device(device)
+        self.checkpoint = resolve_checkpoint(checkpoint)
+        self.model = load_model(self.checkpoint, self.device)
+        meta = self.model.metadata
+        self.labels = [f"AU{au:02d}" for au in meta.aus]
+        self.thresholds = np.array(
+            [threshold] * len(meta.aus) if threshold is not None else meta.thresholds, np.float64
+        )
+        self.batch_size, self.faces, self.fps, self.smoothing = batch_size, faces, fps, smoothing
+        self.face_detector = FaceDetector(self.device, min_face_size, min_confidence)
+        self.model_info = {
+            "checkpoint": str(self.checkpoint),
+            "sha256": file_sha256(self.checkpoint),
+            "au_set": meta.au_set,
+            "aus": self.labels,
+            "au_names": list(meta.au_names),
+            "thresholds": [float(t) for t in self.thresholds],
+            "clip_length": meta.clip_length,
+            "k": meta.k,
+            "backbone": meta.backbone,
+            "source": meta.source,
+        }
+
+    def _preprocess(self, faces: np.ndarray) -> torch.Tensor:
+        meta = self.model.metadata
+        return face_to_tensor(faces, meta.input_size, tuple(meta.mean), tuple(meta.std))
+
+    def run(self, path: str | Path, progress: Progress | None = None) -> pd.DataFrame:
+        """One video (or image folder) -> the per-frame table, metadata in ``.attrs``."""
+        timer = StageTimer()
+        started = time.perf_counter()
+        reader = open_video(path, self.fps)
+        if progress is not None:
+            progress.start(reader.info)
+        tracker = FaceTracker(self.faces)
+        aligner = _Aligner(self.smoothing)
+        predictor = WindowPredictor(
+            self.model, self.model.metadata.clip_length, self._preprocess, self.batch_size, self.device
+        )
+        records: dict[int, _Record] = {}
+        order: deque[int] = deque()
+        rows: list[list] = []
+        active: set[int] = set()
+
+        def feed(ready: list, ended: set[int] = frozenset()) -> None:
+            with timer("model"):
+                for segment, key, face in ready:
+                    predictor.add(segment, key, face)
+                for segment in ended:
+                    predictor.end(segment)
+                for (index, j), probs in predictor.pop_results():
+                    records[index].probs[j] = probs
+            while order and records[order[0]].complete:
+                rows.extend(self._rows(records.pop(order.popleft())))
+
+        with reader:
+            for chunk in _batches(reader, DETECTION_BATCH, timer):
+                with timer("faces"):
+                    detections = self.face_detector.detect([f.image for f in chunk])
+                for frame, found in zip(chunk, detections):
+                    with timer("faces"):
+                        tracked = tracker.update(found)
+                        records[frame.index] = _Record(frame.index, frame.timestamp, tracked, [None] * len(tracked))
+                        order.append(frame.index)
+                        now = {t.segment for t in tracked}
+                        ended = active - now
+                        ready = [item for s in ended for item in aligner.end(s)]
+                        for j, face in enumerate(tracked):
+                            ready += aligner.add(
+                                face.segment, (frame.index, j), frame.image, face.detection.landmarks
+                            )
+                        active = now
+                    feed(ready, ended)
+                if progress is not None:
+                    progress.advance(len(chunk))
+            with timer("faces"):
+                ready = [item for s in aligner.open_segments() for item in aligner.end(s)]
+            feed(ready, set(active))
+            with timer("model"):
+                predictor.flush()
+            feed([])
+        assert not order, "every frame gets a row"
+        table = self._table(rows)
+        table.attrs.update(
+            self._metadata(reader, table, timer.seconds, time.perf_counter() - started)
+        )
+        return table
+
+    def _rows(self, record: _Record) -> list[list]:
+        if not record.faces:
+            empty = [np.nan] * 4 + [None] * len(self.labels) + [np.nan] * len(self.labels)
+            return [[record.index + 1, NO_FACE_ID[self.faces], record.timestamp, 0.0, 0] + empty]
+        rows = []
+        for face, probs in zip(record.faces, record.probs):
+            x1, y1, x2, y2 = face.detection.box
+            decisions = (probs >= self.thresholds).astype(int).tolist()
+            rows.append(
+                [record.index + 1, face.face_id, record.timestamp, face.detection.confidence, 1,
+                 x1, y1, x2 - x1, y2 - y1, *decisions, *probs.astype(np.float64).tolist()]
+            )
+        return rows
+
+    def _table(self, rows: list[list]) -> pd.DataFrame:
+        columns = table_columns(self.labels)
+        table = pd.DataFrame(rows, columns=columns)
+        return format_table(table, self.labels)
+
+    def _metadata(self, reader, table: pd.DataFrame, seconds: dict, total: float) -> dict:
+        frames = int(table["frame"].nunique()) if len(table) else 0
+        with_face = int(table.loc[table["success"] == 1, "frame"].nunique()) if len(table) else 0
+        video = reader.info.to_dict()
+        video["decoded_frames"] = reader.decoded
+        return {
+            "aucli_version": __version__,
+            "video": video,
+            "model": dict(self.model_info, device=str(self.device), faces=self.faces),
+            "summary": {
+                "frames": frames,
+                "frames_with_face": with_face,
+                "seconds": total,
+                "stages": {k: round(v, 4) for k, v in seconds.items()},
+            },
+            "warnings": list(reader.warnings),
+        }
+
+
+def table_columns(labels: list[str]) -> list[str]:
+    """OpenFace-style column names; AU columns in the checkpoint's AU order."""
+    base = ["frame", "face_id", "timestamp", "confidence", "success", "face_x", "face_y", "face_w", "face_h"]
+    return base + [f"{au}_c" for au in labels] + [f"{au}_p" for au in labels]
+
+
+def format_table(table: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+    """Round and type the columns as written, so the DataFrame, the CSV and the
+    JSON read back all hold the same values."""
+    table = table.copy()
+    for column in ("frame", "face_id", "success"):
+        table[column] = table[column].astype("int64")
+    table["timestamp"] = table["timestamp"].astype(float).round(3)
+    table["confidence"] = table["confidence"].astype(float).round(4)
+    for column in ("face_x", "face_y", "face_w", "face_h"):
+        table[column] = table[column].astype(float).round(1)
+    for au in labels:
+        table[f"{au}_c"] = table[f"{au}_c"].astype("Int64")
+        table[f"{au}_p"] = table[f"{au}_p"].astype(float).round(4)
+    return table
+
+
+def _batches(reader, size: int, timer: StageTimer) -> Iterator[list[Frame]]:
+    """Frames in lists of ``size``, the decode time charged to its stage."""
+    frames = iter(reader)
+    while True:
+        with timer("decode"):
+            chunk = [frame for _, frame in zip(range(size), frames)]
+        if not chunk:
+            return
+        yield chunk
+
+
+def detect(
+    path: str | Path,
+    checkpoint: str | Path | None = None,
+    *,
+    progress: Progress | None = None,
+    **options: Any,
+) -> pd.DataFrame:
+    """AU table of one video: one row per decoded frame (per face with ``faces="all"``).
+
+    Options: device ("auto"), batch_size (16), faces ("largest" | "all"),
+    threshold (None: the checkpoint's per-AU thresholds), fps (for image
+    folders, 30), smoothing (landmark smoothing radius, 2; 0 turns it off),
+    min_face_size (40), min_confidence (0.9). Metadata is in ``.attrs``.
+    """
+    return Detector(checkpoint, **options).run(path, progress)

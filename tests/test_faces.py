@@ -1,0 +1,174 @@
+"""Faces: detection, the alignment template, alignment, preprocessing, smoothing, tracking."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from media_fixtures import IMAGES, one_torch_thread  # noqa: F401 (an autouse fixture)
+
+from aucli.faces import (
+    ALIGN_SIZE,
+    TEMPLATE,
+    FaceDetection,
+    FaceDetector,
+    FaceTracker,
+    align_face,
+    face_to_tensor,
+    similarity_transform,
+    smooth_landmarks,
+)
+
+
+def _image(name: str) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(IMAGES / name)), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return FaceDetector("cpu")
+
+
+def test_template_puts_features_on_the_rows_the_model_reads():
+    row = TEMPLATE[:, 1] / (ALIGN_SIZE / 7)  # 7x7 token rows (spec §0.2, §3.1)
+    eyes, nose, mouth = row[:2], row[2], row[3:]
+    assert np.all((eyes >= 2) & (eyes < 3))  # rows 0-2: brows and eyes (brows ~0.4 D above the eyes)
+    assert 2 <= nose < 5  # rows 2-4
+    assert np.all((mouth >= 4) & (mouth < 5))  # rows 4-6: mouth, with room for the chin below
+    eye_distance = TEMPLATE[1, 0] - TEMPLATE[0, 0]
+    assert TEMPLATE[0, 1] - 0.45 * eye_distance > 32  # brows survive training's random 224 crop
+    assert TEMPLATE[3, 1] + 0.75 * eye_distance < ALIGN_SIZE - 32  # and so does the chin
+    assert np.allclose(TEMPLATE[[0, 3], 0] + TEMPLATE[[1, 4], 0], ALIGN_SIZE)  # left-right symmetric
+    assert TEMPLATE[2, 0] == ALIGN_SIZE / 2
+
+
+def test_similarity_transform_recovers_a_known_similarity():
+    angle, scale, shift = 0.3, 1.7, np.array([12.0, -5.0])
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    source = TEMPLATE
+    target = scale * source @ rotation.T + shift
+    matrix = similarity_transform(source, target)
+    assert np.allclose(matrix[:, :2], scale * rotation) and np.allclose(matrix[:, 2], shift)
+    mirrored = similarity_transform(source * [-1, 1], target)  # mirrored points: no reflection allowed
+    assert np.linalg.det(mirrored[:, :2]) > 0
+
+
+def test_align_face_maps_landmarks_onto_the_template():
+    # Dots drawn at known landmark positions land on the template after alignment.
+    image = np.zeros((400, 600, 3), np.uint8)
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    landmarks = 1.3 * TEMPLATE @ rotation.T + [200, 20]
+    for x, y in landmarks:
+        cv2.circle(image, (int(round(x)), int(round(y))), 4, (255, 255, 255), -1)
+    aligned = align_face(image, landmarks)
+    assert aligned.shape == (ALIGN_SIZE, ALIGN_SIZE, 3) and aligned.dtype == np.uint8
+    for x, y in TEMPLATE:
+        assert aligned[int(y) - 1 : int(y) + 2, int(x) - 1 : int(x) + 2].min() > 200
+    half = align_face(image, landmarks, size=128)
+    assert half.shape == (128, 128, 3) and half[int(TEMPLATE[0, 1] / 2), int(TEMPLATE[0, 0] / 2)].min() > 200
+
+
+def test_detector_finds_faces_sorted_by_area(detector):
+    single, multi = _image("single_face.jpg"), _image("multi_face.jpg")
+    found = detector.detect([multi, single])
+    assert [len(f) for f in found] == [5, 1]  # mixed sizes in one call
+    for faces in found:
+        areas = [f.area for f in faces]
+        assert areas == sorted(areas, reverse=True)
+        for face in faces:
+            assert isinstance(face, FaceDetection) and face.confidence >= 0.9
+            assert face.box.shape == (4,) and face.landmarks.shape == (5, 2)
+            x1, y1, x2, y2 = face.box
+            assert np.all((face.landmarks >= [x1, y1]) & (face.landmarks <= [x2, y2]))
+            left_eye, right_eye, nose, left_mouth, right_mouth = face.landmarks
+            assert left_eye[0] < right_eye[0] and left_mouth[0] < right_mouth[0]  # image left first
+            assert max(left_eye[1], right_eye[1]) < nose[1] < min(left_mouth[1], right_mouth[1])
+    alone = detector.detect([single])[0][0]
+    assert np.allclose(alone.box, found[1][0].box, atol=1e-3)  # batching does not change results
+    assert detector.detect([np.zeros((120, 160, 3), np.uint8)]) == [[]]
+
+
+def test_aligned_real_face_matches_the_template(detector):
+    image = _image("single_face.jpg")
+    face = detector.detect([image])[0][0]
+    aligned = align_face(image, face.landmarks)
+    again = detector.detect([aligned])[0]
+    assert len(again) == 1
+    # MTCNN's own landmark noise is a few pixels; a wrong template or warp is tens.
+    assert np.abs(again[0].landmarks - TEMPLATE).max() < 16
+    x1, y1, x2, y2 = again[0].box
+    assert x1 > 0 and x2 < ALIGN_SIZE and y2 < ALIGN_SIZE  # the whole face is inside the crop
+
+
+def test_face_to_tensor_resizes_whole_crop_and_normalises():
+    faces = np.zeros((2, ALIGN_SIZE, ALIGN_SIZE, 3), np.uint8)
+    faces[0] = (255, 128, 0)
+    faces[1, :, : ALIGN_SIZE // 2] = 255  # left half white: no crop keeps the edge at the middle
+    x = face_to_tensor(faces)
+    assert x.shape == (2, 3, 224, 224) and x.dtype == torch.float32
+    expected = (torch.tensor([1.0, 128 / 255, 0.0]) - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor(
+        [0.229, 0.224, 0.225]
+    )
+    assert torch.allclose(x[0, :, 100, 100], expected, atol=1e-5)
+    column = x[1, 0, 112]
+    assert column[:111].min() > 2.0 and column[113:].max() < -2.0
+    assert face_to_tensor(faces[0]).shape == (3, 224, 224)
+
+
+def test_smooth_landmarks():
+    rng = np.random.default_rng(0)
+    still = np.tile(TEMPLATE, (12, 1, 1))
+    assert np.allclose(smooth_landmarks(still), still)
+    moving = still + np.arange(12)[:, None, None] * 3.0  # steady motion passes unchanged inside
+    assert np.allclose(smooth_landmarks(moving)[2:-2], moving[2:-2])
+    jitter = still + rng.normal(0, 2, still.shape)
+    assert np.std(smooth_landmarks(jitter) - still) < 0.7 * np.std(jitter - still)
+    # Local: frame i depends on frames i-2..i+2 only, so a window gives the same value.
+    full = smooth_landmarks(jitter)
+    assert np.allclose(smooth_landmarks(jitter[3:8])[2], full[5])
+    assert np.allclose(smooth_landmarks(jitter[0:3])[0], full[0])
+    assert np.allclose(smooth_landmarks(jitter, radius=0), jitter)
+    assert smooth_landmarks(jitter[:1]).shape == (1, 5, 2)
+
+
+def _face(x: float, y: float, size: float) -> FaceDetection:
+    box = np.array([x, y, x + size, y + size])
+    return FaceDetection(box, np.tile(box[:2] + size / 2, (5, 1)), 0.99)
+
+
+def test_tracker_keeps_ids_and_splits_segments_where_a_face_is_lost():
+    tracker = FaceTracker("all")
+    frames = [
+        [_face(0, 0, 100), _face(300, 0, 80)],
+        [_face(5, 0, 100), _face(305, 0, 80)],
+        [_face(10, 0, 100)],  # the second face is lost for one frame
+        [_face(310, 0, 80), _face(15, 0, 100)],  # and comes back (detections in any order)
+        [_face(600, 300, 50), _face(20, 0, 100), _face(310, 0, 80)],
+    ]
+    out = [tracker.update(sorted(f, key=lambda d: -d.area)) for f in frames]
+    ids = [[(t.face_id, t.detection.box[0]) for t in frame] for frame in out]
+    assert ids[1] == [(0, 5), (1, 305)]
+    assert ids[3] == [(0, 15), (1, 310)]  # same id after the gap
+    assert ids[4] == [(0, 20), (1, 310), (2, 600)]
+    segments = {(i, t.face_id): t.segment for i, frame in enumerate(out) for t in frame}
+    assert segments[(0, 0)] == segments[(4, 0)]  # face 0 never lost: one segment
+    assert segments[(1, 1)] != segments[(3, 1)]  # face 1 lost: split
+    assert segments[(3, 1)] == segments[(4, 1)]
+
+
+def test_largest_mode_follows_the_main_face():
+    tracker = FaceTracker("largest")
+    frames = [
+        [_face(0, 0, 100), _face(300, 0, 60)],
+        [_face(300, 0, 150), _face(2, 0, 100)],  # another face grows larger: keep following
+        [_face(300, 0, 150)],  # the main face is lost: take the largest
+        [_face(300, 0, 150), _face(4, 0, 100)],
+    ]
+    out = [tracker.update(f) for f in frames]
+    assert [[(t.face_id, t.detection.box[0]) for t in frame] for frame in out] == [
+        [(0, 0)], [(0, 2)], [(0, 300)], [(0, 300)]
+    ]
+    assert out[0][0].segment == out[1][0].segment != out[2][0].segment == out[3][0].segment
+    assert tracker.update([]) == []
