@@ -57,7 +57,7 @@ def test_pickled_code_is_never_run(tmp_path):
         os.remove(trap_file)
     path = tmp_path / "evil.pt"
     with open(path, "wb") as fh:
-        pickle.dump({"format": "aucli-checkpoint", "trap": _Trap()}, fh)
+        pickle.dump({"format": "aucli-checkpoint", "trap": _Trap()}, fh, protocol=2)
     with pytest.raises(AucliError, match="evil.pt.*refuses to load"):
         load_checkpoint(path)
     assert not os.path.exists(trap_file)
