@@ -87,7 +87,9 @@ def convert_official(
 def main() -> None:
     """Entry point: run the app, turning aucli errors into one line and an exit status."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns (rather than raises) a command's exit code.
+        status = app(standalone_mode=False)
+        sys.exit(status if isinstance(status, int) else 0)
     except AucliError as exc:
         typer.echo(f"aucli: error: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -109,3 +111,231 @@ def main() -> None:
 
 
 # Commands added by other modules of the CLI go below this line.
+
+
+class OutputFormat(str, Enum):
+    csv = "csv"
+    json = "json"
+
+
+class FaceMode(str, Enum):
+    largest = "largest"
+    all = "all"
+
+
+@app.command("detect")
+def detect(
+    inputs: list[str] = typer.Argument(
+        ..., metavar="INPUT...", help="Video files, folders (searched recursively) or globs; "
+        "a folder of numbered images is one image sequence."
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o",
+        help="Output file for one input (.csv or .json picks the format), else a folder. "
+        "Default: <stem>.csv in the current folder.",
+    ),
+    format: Optional[OutputFormat] = typer.Option(None, "--format", help="Output format: csv (the default) or json."),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="aucli checkpoint; else $AUCLI_CHECKPOINT, else the one .pt in ./weights/."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Frames per batch (results do not depend on it)."),
+    faces: FaceMode = typer.Option(
+        FaceMode.largest, "--faces",
+        help="Follow the main face (face_id 0), or track every face (an id per face; -1 on frames without one).",
+    ),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", min=0.0, max=1.0, help="Decision threshold for every AU, instead of the checkpoint's."
+    ),
+    fps: float = typer.Option(30.0, "--fps", min=0.001, help="Frame rate of image sequences."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
+) -> None:
+    """Find Action Units in videos: one row per frame (per face with --faces all)."""
+    from .detect_cli import run_detect
+
+    status = run_detect(
+        inputs, output, format.value if format else None, quiet,
+        checkpoint=checkpoint, device=device, batch_size=batch_size, faces=faces.value,
+        threshold=threshold, fps=fps,
+    )
+    # SystemExit, not typer.Exit: in non-standalone mode click returns Exit's code instead of exiting.
+    raise SystemExit(status)
+
+
+# ----- training, evaluation and dataset preparation (aucli.train, aucli.evaluate, aucli.data) -----
+
+
+class DatasetLayout(str, Enum):
+    bp4d = "bp4d"
+    disfa = "disfa"
+    synthetic = "synthetic"
+
+
+class Protocol(str, Enum):
+    reference = "reference"
+    detect = "detect"
+
+
+def _device_option(device: str) -> Optional[str]:
+    return None if device == "auto" else device
+
+
+@app.command("train")
+def train_command(
+    dataset: DatasetLayout = typer.Option(DatasetLayout.bp4d, "--dataset", "-d", help="Dataset (AU set and list layout)."),
+    fold: int = typer.Option(1, "--fold", "-f", min=1, max=3, help="Test fold 1-3 (spec §7.5)."),
+    data_root: Optional[Path] = typer.Option(
+        None, "--data-root", help="Image root with the fold lists (required for bp4d/disfa; "
+        "synthetic: where to generate, default a cache folder)."),
+    backbone: str = typer.Option("resnet50", "--backbone", "-b",
+                                 help="resnet50, swin_base, or for experiments resnet18, swin_tiny, resnet_tiny."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Start from timm's ImageNet weights (needs network)."),
+    backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="Start the backbone from this file."),
+    drop_path_rate: Optional[float] = typer.Option(None, "--drop-path-rate", help="Swin drop-path (default 0.5 for swin_base)."),
+    feature_dim: int = typer.Option(512, "--feature-dim", help="Common feature width d."),
+    k: int = typer.Option(5, "--k", min=1, help="MFD temporal pooling half-window."),
+    clip_length: int = typer.Option(16, "--clip-length", "-T", help="Frames per clip T."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Clips per step, per process."),
+    epochs: int = typer.Option(200, "--epochs", min=1, help="Epochs (one random clip per video each)."),
+    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW)."),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay", help="AdamW decoupled weight decay."),
+    beta1: float = typer.Option(0.9, "--beta1"),
+    beta2: float = typer.Option(0.999, "--beta2"),
+    warmup_epochs: int = typer.Option(0, "--warmup-epochs", min=0, help="Linear warm-up before the cosine decay."),
+    lambda_sub: float = typer.Option(0.01, "--lambda", help="Weight of the regional cross-entropy."),
+    resize: int = typer.Option(256, "--resize", min=224, help="Training resize before the random 224 crop."),
+    flip: bool = typer.Option(True, "--flip/--no-flip", help="Random horizontal flip."),
+    color_jitter: float = typer.Option(0.4, "--color-jitter", min=0.0, max=1.0,
+                                       help="Brightness/contrast/saturation factors in [1-j, 1+j]."),
+    val_interval: int = typer.Option(25, "--val-interval", min=1, help="Validate every N epochs (and at the end)."),
+    select_on_test: bool = typer.Option(
+        False, "--select-on-test", help="Reference protocol: pick the best epoch on the test fold "
+        "(inflates scores). Default: on training subjects held out for validation."),
+    val_fraction: float = typer.Option(0.15, "--val-fraction", min=0.0, max=0.9,
+                                       help="Share of training subjects held out for model selection."),
+    tune_thresholds: bool = typer.Option(False, "--tune-thresholds", help="Per-AU thresholds maximising validation F1."),
+    seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(4, "--workers", min=0, help="Data-loading processes per training process."),
+    eval_batch_size: int = typer.Option(8, "--eval-batch-size", min=1, help="Clips per validation batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (torchrun: one GPU per process)."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on GPUs that support it."),
+    project: Path = typer.Option(Path("runs/train"), "--project", help="Folder of runs."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run name (default <dataset>_fold<f>_<backbone>); never overwritten."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run from its last.pt (other options ignored)."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after-epochs", hidden=True,
+                                             help="Exit after N epochs as if killed (for testing --resume)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or summaries."),
+) -> None:
+    """Train MDHR on one fold: runs/train/<name>/ gets config.json, metrics.jsonl, last.pt and best.pt."""
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        dataset=dataset.value, fold=fold, data_root=str(data_root) if data_root else None, backbone=backbone,
+        pretrained=pretrained, backbone_weights=str(backbone_weights) if backbone_weights else None,
+        drop_path_rate=drop_path_rate, feature_dim=feature_dim, k=k, clip_length=clip_length,
+        batch_size=batch_size, epochs=epochs, lr=lr, weight_decay=weight_decay, betas=(beta1, beta2),
+        warmup_epochs=warmup_epochs, lambda_sub=lambda_sub, resize=resize, flip=flip, color_jitter=color_jitter,
+        val_interval=val_interval, select_on_test=select_on_test, val_fraction=val_fraction,
+        tune_thresholds=tune_thresholds, seed=seed, workers=workers, eval_batch_size=eval_batch_size,
+        device=_device_option(device), amp=amp, project=str(project), name=name,
+    )
+    train(cfg, resume=resume, stop_after=stop_after, quiet=quiet)
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint written by aucli train (best.pt)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Override the checkpoint's data root."),
+    dataset: Optional[DatasetLayout] = typer.Option(None, "--dataset", "-d", help="Override the checkpoint's dataset."),
+    fold: Optional[int] = typer.Option(None, "--fold", "-f", min=1, max=3, help="Override the checkpoint's fold."),
+    split: str = typer.Option("test", "--split", help="test or train list of the fold."),
+    protocol: Protocol = typer.Option(
+        Protocol.reference, "--protocol",
+        help="reference: non-overlapping T-frame clips (spec §7.4); detect: detect's sliding windows."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
+                                              help="One threshold for every AU instead of the checkpoint's."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Clips per batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    workers: int = typer.Option(2, "--workers", min=0, help="Data-loading processes."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No table."),
+) -> None:
+    """Per-AU F1 and accuracy of a trained checkpoint on its test fold."""
+    import json
+
+    import torch
+
+    from .errors import UsageError
+    from .evaluate import evaluate_checkpoint, print_metrics
+
+    if split not in ("test", "train"):
+        raise UsageError(f"--split {split}: expected test or train")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = evaluate_checkpoint(
+        checkpoint, data_root=data_root, dataset=dataset.value if dataset else None, fold=fold, split=split,
+        protocol=protocol.value, thresholds=threshold, batch_size=batch_size, device=device, workers=workers,
+    )
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if not quiet:
+        print_metrics(result)
+
+
+@app.command("prepare")
+def prepare_command(
+    dataset: DatasetLayout = typer.Argument(..., help="bp4d, disfa, or synthetic (generated from the sample media)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Data root to write (images + fold lists)."),
+    frames: Optional[Path] = typer.Option(None, "--frames", help="BP4D: frame root <subject>/<task>/<frame>.jpg."),
+    videos: Optional[Path] = typer.Option(None, "--videos", help="DISFA: folder with the left-camera videos."),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", help="BP4D: folder of <subject>_<task>.csv AU occurrence files; "
+        "DISFA: ActionUnit_Labels folder (<SN>/<SN>_au<k>.txt)."),
+    parts: Optional[Path] = typer.Option(None, "--parts", help="Subject parts: JSON {subject: 1|2|3} or three lines "
+                                         "of subject ids (default: the standard folds, spec §7.5)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Parallel processes (one core each)."),
+    chunk: int = typer.Option(512, "--chunk", min=16, help="Frames per unit of work (the unit of resuming)."),
+    drop_missing: bool = typer.Option(False, "--drop-missing",
+                                      help="Leave frames without a face out of the lists, instead of aligning them "
+                                      "with the nearest frame's face."),
+    seed: int = typer.Option(0, "--seed", help="synthetic: the seed the data is generated from."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or summary."),
+) -> None:
+    """Detect and align every frame of raw BP4D/DISFA and write the standard layout; resumable."""
+    from .errors import UsageError
+
+    if dataset is DatasetLayout.synthetic:
+        from .data.synthetic import SyntheticSpec, ensure_synthetic
+
+        root = ensure_synthetic(output, SyntheticSpec(seed=seed), quiet=quiet)
+        if not quiet:
+            typer.echo(f"synthetic data (seed {seed}) in {root}; train with --dataset synthetic --data-root {root}",
+                       err=True)
+        return
+    from .data.prepare import prepare
+
+    source = frames if dataset is DatasetLayout.bp4d else videos
+    if source is None or labels is None:
+        need = "--frames" if dataset is DatasetLayout.bp4d else "--videos"
+        raise UsageError(f"prepare {dataset.value} needs {need} and --labels")
+    if quiet:
+        prepare(dataset.value, source=source, labels=labels, output=output, parts=parts,
+                workers=workers, chunk=chunk, drop_missing=drop_missing)
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn(f"prepare {dataset.value}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
+                  TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("frames", total=None)
+        summary = prepare(dataset.value, source=source, labels=labels, output=output, parts=parts,
+                          workers=workers, chunk=chunk, drop_missing=drop_missing,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    console.print(f"{summary['frames_written']} of {summary['frames']} frames written to {output}; "
+                  f"{summary['frames_without_face']} without a detected face "
+                  f"({'aligned with the nearest face' if not drop_missing else 'left out'}); details in "
+                  f"{output / 'prepare.json'}", highlight=False, soft_wrap=True)
+    for problem in summary["problems"]:
+        console.print(f"warning: {problem}", highlight=False, soft_wrap=True)

@@ -1,0 +1,246 @@
+"""Metrics and the two evaluation protocols (spec §6.4, §7.4).
+
+``reference``: non-overlapping T-frame clips of each test video, the tail clip
+padded with its last frame; padded frames are excluded and F1 is pooled over
+all frames of the fold. Frames near a clip's edges see little temporal context.
+``detect``: the frames of each test video go through the sliding windows
+``aucli detect`` uses (aucli.windows), so every frame sits at the centre of a
+window and video borders repeat the first/last face.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .aus import AUSet, get_au_set
+from .errors import AucliError
+
+PROTOCOLS = ("reference", "detect")
+
+
+# ----- metrics (spec §6.4) ------------------------------------------------------------------
+
+
+def confusion(probs: np.ndarray, labels: np.ndarray, thresholds) -> np.ndarray:
+    """Per-AU [TP, FP, FN, TN] (N, 4), pooled over frames; labels other than 0/1 are ignored."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    pred = probs >= np.asarray(thresholds, dtype=np.float64)
+    pos, neg = labels == 1, labels == 0
+    return np.stack([(pred & pos).sum(0), (pred & neg).sum(0),
+                     (~pred & pos).sum(0), (~pred & neg).sum(0)], axis=1).astype(np.int64)
+
+
+def scores(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 4) counts -> per-AU F1 and accuracy in [0, 1], with the reference's 1e-20 guards."""
+    tp, fp, fn, tn = (counts[:, i].astype(np.float64) for i in range(4))
+    precision = tp / (tp + fp + 1e-20)
+    recall = tp / (tp + fn + 1e-20)
+    f1 = 2 * precision * recall / (precision + recall + 1e-20)
+    total = tp + fp + fn + tn
+    accuracy = np.divide(tp + tn, total, out=np.zeros_like(tp), where=total > 0)
+    return f1, accuracy
+
+
+@dataclass
+class AUMetrics:
+    """Per-AU F1 and accuracy (percent) and their means, as reported by the reference."""
+
+    aus: list[str]
+    f1: list[float]
+    accuracy: list[float]
+    frames: int
+    thresholds: list[float] = field(default_factory=list)
+
+    @property
+    def mean_f1(self) -> float:
+        return float(np.mean(self.f1))
+
+    @property
+    def mean_accuracy(self) -> float:
+        return float(np.mean(self.accuracy))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean_f1": self.mean_f1, "mean_accuracy": self.mean_accuracy, "frames": self.frames,
+                "f1": dict(zip(self.aus, self.f1)), "accuracy": dict(zip(self.aus, self.accuracy)),
+                "thresholds": dict(zip(self.aus, self.thresholds))}
+
+    def table(self):
+        """A DataFrame with one row per AU and a final "mean" row."""
+        import pandas as pd
+
+        df = pd.DataFrame({"AU": self.aus, "F1": self.f1, "accuracy": self.accuracy, "threshold": self.thresholds})
+        mean = pd.DataFrame({"AU": ["mean"], "F1": [self.mean_f1], "accuracy": [self.mean_accuracy],
+                             "threshold": [float("nan")]})
+        return pd.concat([df, mean], ignore_index=True)
+
+
+def au_metrics(au_set: AUSet, probs: np.ndarray, labels: np.ndarray, thresholds=0.5) -> AUMetrics:
+    """Pooled per-AU F1 and accuracy over frames (F, N), ×100 (spec §6.4)."""
+    thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (au_set.num_aus,))
+    f1, acc = scores(confusion(probs, labels, thresholds))
+    known = ((np.asarray(labels) == 0) | (np.asarray(labels) == 1)).any(1).sum()
+    return AUMetrics(au_set.labels, (100 * f1).tolist(), (100 * acc).tolist(), int(known),
+                     [float(t) for t in thresholds])
+
+
+def tune_thresholds(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray | None = None) -> list[float]:
+    """Per-AU threshold maximising pooled F1 on these frames (use a validation split, never test)."""
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2) if grid is None else grid
+    best = []
+    for n in range(probs.shape[1]):
+        f1s = [scores(confusion(probs[:, n : n + 1], labels[:, n : n + 1], [t]))[0][0] for t in grid]
+        best.append(float(grid[int(np.argmax(f1s))]))
+    return best
+
+
+# ----- running a model over a split -----------------------------------------------------------
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Objects of every process (or just this one without torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def predict_reference(model: torch.nn.Module, split, clip_length: int, *, batch_size: int = 8,
+                      device: str | torch.device = "cpu", workers: int = 0, rank: int = 0,
+                      world_size: int = 1, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """Probabilities (F, N) for every frame of `split` from non-overlapping T-frame clips (spec §7.4).
+
+    With several processes each takes every world_size-th clip; all get the full result.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from .data.clips import EvalClips
+
+    data = EvalClips(split, clip_length)
+    shard = Subset(data, list(range(rank, len(data), world_size)))
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, shuffle=False)
+    was_training = model.training
+    model.eval()
+    index, values = [], []
+    device = torch.device(device)
+    for batch in loader:
+        clips = batch["clips"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            probs = model(clips)
+        real = batch["real"]
+        index.append(batch["frames"][real].numpy())
+        values.append(probs.float().cpu()[real].numpy())
+    model.train(was_training)
+    n = split.au_set.num_aus
+    parts = _gather((np.concatenate(index) if index else np.zeros(0, np.int64),
+                     np.concatenate(values) if values else np.zeros((0, n), np.float32)))
+    out = np.full((len(split), n), np.nan, dtype=np.float32)
+    for idx, val in parts:
+        out[idx] = val
+    return out
+
+
+@torch.no_grad()
+def predict_detect(model: torch.nn.Module, split, clip_length: int, *, batch_size: int = 8,
+                   device: str | torch.device = "cpu", **_: Any) -> np.ndarray:
+    """Probabilities (F, N) from detect's sliding windows (aucli.windows) over each test video's crops.
+
+    Each video (split as for test clips, spec §7.4) is one track segment; every frame is
+    predicted at the centre of its own window, borders repeat the first/last face.
+    """
+    from .data.clips import read_image
+    from .faces import face_to_tensor
+    from .windows import WindowPredictor
+
+    model.eval()
+    predictor = WindowPredictor(model, clip_length, face_to_tensor, batch_size=batch_size * clip_length,
+                                device=device)
+    out = np.full((len(split), split.au_set.num_aus), np.nan, dtype=np.float32)
+    for v, video in enumerate(split.videos(split_on_gap=split.fmt.split_on_gap)):
+        for i in video:
+            predictor.add(v, i, read_image(split.image_path(i)))
+        predictor.end(v)
+        for i, probs in predictor.pop_results():
+            out[i] = probs
+    predictor.flush()
+    for i, probs in predictor.pop_results():
+        out[i] = probs
+    return out
+
+
+PREDICTORS = {"reference": predict_reference, "detect": predict_detect}
+
+
+# ----- evaluating a checkpoint ----------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    metrics: AUMetrics
+    dataset: str
+    fold: int
+    split: str
+    protocol: str
+    data_root: str
+    checkpoint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "dataset": self.dataset, "fold": self.fold, "split": self.split,
+                "protocol": self.protocol, "data_root": self.data_root, **self.metrics.to_dict()}
+
+
+def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path | None = None,
+                        dataset: str | None = None, fold: int | None = None, split: str = "test",
+                        protocol: str = "reference", thresholds: float | list[float] | None = None,
+                        batch_size: int = 8, device: str = "cpu", workers: int = 0) -> EvalResult:
+    """Evaluate a trained checkpoint on its fold; dataset, fold and data root default to the checkpoint's."""
+    from .checkpoint import load_model
+    from .data.layout import get_format, load_split
+
+    if protocol not in PREDICTORS:
+        raise AucliError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PREDICTORS)}")
+    model = load_model(checkpoint, device)
+    meta = model.metadata
+    source = meta.source or {}
+    dataset = dataset or source.get("dataset")
+    fold = fold or source.get("fold")
+    data_root = data_root or source.get("data_root")
+    if dataset is None or fold is None:
+        raise AucliError(f"{checkpoint}: the checkpoint names no dataset/fold; pass --dataset and --fold")
+    if data_root is None:
+        raise AucliError(f"{checkpoint}: the checkpoint names no data root; pass --data-root")
+    if not Path(data_root).is_dir():
+        raise AucliError(f"{data_root}: data root not found; pass --data-root")
+    fmt = get_format(dataset)
+    if get_au_set(fmt.au_set).aus != get_au_set(meta.au_set).aus:
+        raise AucliError(f"{checkpoint}: checkpoint is for AU set {meta.au_set}, but {dataset} uses {fmt.au_set}")
+    data = load_split(data_root, fmt, split, int(fold))
+    probs = PREDICTORS[protocol](model, data, meta.clip_length, batch_size=batch_size, device=device,
+                                 workers=workers)
+    thresholds = meta.thresholds if thresholds is None else thresholds
+    metrics = au_metrics(data.au_set, probs, data.labels, thresholds)
+    return EvalResult(metrics, fmt.name, int(fold), split, protocol, str(data_root), str(checkpoint))
+
+
+def print_metrics(result: EvalResult) -> None:
+    """The per-AU table and the means, on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    m = result.metrics
+    table = Table(title=f"{result.dataset} fold {result.fold} ({result.split}, {result.protocol} protocol, "
+                        f"{m.frames} frames)")
+    for column in ("AU", "F1", "accuracy", "threshold"):
+        table.add_column(column, justify="left" if column == "AU" else "right")
+    for au, f1, acc, thr in zip(m.aus, m.f1, m.accuracy, m.thresholds):
+        table.add_row(au, f"{f1:.1f}", f"{acc:.1f}", f"{thr:.2f}")
+    table.add_row("mean", f"{m.mean_f1:.1f}", f"{m.mean_accuracy:.1f}", "", style="bold")
+    Console().print(table)
