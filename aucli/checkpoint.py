@@ -11,6 +11,7 @@ with ``torch.load(weights_only=True)`` and never runs pickled code::
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -124,6 +125,15 @@ def save_checkpoint(
     }
     write_atomic(path, payload)
     return meta
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (provenance of checkpoints and converted files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomic(path: str | Path, payload: dict[str, Any]) -> None:

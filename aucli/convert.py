@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
 from .aus import AU_SETS, get_au_set
-from .checkpoint import CheckpointMetadata, save_checkpoint
+from .checkpoint import CheckpointMetadata, file_sha256, save_checkpoint
 from .errors import AucliError, UsageError
 from .model import MDHR
 from .model.reference import convert_reference_state, unwrap_state_dict
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def model_from_reference_state(state: object, dataset: str, backbone: str, k: int = 5) -> MDHR:
@@ -86,7 +77,7 @@ def convert_official_checkpoint(
         source={
             "kind": "converted",
             "converted_from": source.name,
-            "converted_sha256": sha256_of(source),
+            "converted_sha256": file_sha256(source),
             "reference": "CVI-SZU/MDHR",
             "dataset": dataset,
             "epoch": epoch if isinstance(epoch, int) else None,

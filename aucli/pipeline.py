@@ -9,7 +9,6 @@ probabilities; rows come out in frame order.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections import deque
@@ -83,14 +82,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     elif chosen.type != "cpu":
         raise UsageError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     return chosen
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class StageTimer:
@@ -184,7 +175,7 @@ class Detector:
         min_face_size: int = 40,
         min_confidence: float = 0.9,
     ) -> None:
-        from .checkpoint import load_model
+        from .checkpoint import file_sha256, load_model
 
         if faces not in FACE_MODES:
             raise UsageError(f"--faces {faces}: expected one of {', '.join(FACE_MODES)}")
