@@ -231,8 +231,10 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
     dataset = TrainClips(train_split, cfg.clip_length, augment)
     sampler = VideoClipSampler([len(v) for v in dataset.videos], cfg.clip_length, cfg.seed, rank, world_size)
     # Its own generator keeps worker seeding off the global RNG, which then only the model uses.
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                        pin_memory=use_cuda, persistent_workers=cfg.workers > 0,
+    # More loader processes than cores only thrashes; clips do not depend on the count (data/clips.py).
+    workers = min(cfg.workers, os.cpu_count() or 1)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=use_cuda, persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(cfg.seed))
     iters_per_epoch = len(loader)
 
