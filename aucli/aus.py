@@ -1,4 +1,4 @@
-"""AU sets as data: BP4D and DISFA differ only in these tables (spec §0, §3).
+"""AU sets as data: BP4D, DISFA and OpenFace differ only in these tables (spec §0, §3).
 
 Everything dataset-specific — the cross-region adjacency, the auxiliary class
 counts, the regional combination labels, the activation mask and the per-AU
@@ -17,6 +17,7 @@ FACS_NAMES: dict[int, str] = {
     1: "Inner brow raiser",
     2: "Outer brow raiser",
     4: "Brow lowerer",
+    5: "Upper lid raiser",
     6: "Cheek raiser",
     7: "Lid tightener",
     9: "Nose wrinkler",
@@ -25,10 +26,13 @@ FACS_NAMES: dict[int, str] = {
     14: "Dimpler",
     15: "Lip corner depressor",
     17: "Chin raiser",
+    20: "Lip stretcher",
     23: "Lip tightener",
     24: "Lip pressor",
     25: "Lips part",
     26: "Jaw drop",
+    28: "Lip suck",
+    45: "Blink",
 }
 
 #: Rows of the 7x7 token map that each facial region sees (inclusive start, exclusive end).
@@ -175,7 +179,24 @@ DISFA = AUSet(
     branch_blocks=False,
 )
 
-AU_SETS: dict[str, AUSet] = {s.name: s for s in (BP4D, DISFA)}
+# The 17 AUs OpenFace 2.0 codes with enough positives to learn from (its AU28 is present in
+# 0.5 % of the teacher's frames and is left out). Branches follow FACS anatomy: brows and
+# eyes, cheeks and nose, then the mouth split in two as BP4D's lower face is — lip corners
+# (pulled, dimpled, depressed, stretched) and the lips and jaw (raised, chin, tightened,
+# parted, dropped). Branches with several AUs get BP4D's regional LinearBlocks.
+OPENFACE = AUSet(
+    name="openface",
+    aus=(1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 25, 26, 45),
+    branches=(
+        Branch("up", "up", (1, 2, 4, 5, 7, 45)),
+        Branch("mid", "mid", (6, 9)),
+        Branch("down1", "low", (12, 14, 15, 20)),
+        Branch("down2", "low", (10, 17, 23, 25, 26)),
+    ),
+    branch_blocks=True,
+)
+
+AU_SETS: dict[str, AUSet] = {s.name: s for s in (BP4D, DISFA, OPENFACE)}
 
 
 def get_au_set(name: str | AUSet) -> AUSet:

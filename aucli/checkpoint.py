@@ -27,6 +27,9 @@ from .errors import AucliError
 FORMAT = "aucli-checkpoint"
 FORMAT_VERSION = 1
 
+#: The starter model that ships inside the package (docs/models.md): the last resort of `detect`.
+STARTER = Path(__file__).resolve().parent / "weights" / "starter.pt"
+
 
 @dataclass
 class CheckpointMetadata:
@@ -125,6 +128,32 @@ def save_checkpoint(
     }
     write_atomic(path, payload)
     return meta
+
+
+def export_checkpoint(source: str | Path, output: str | Path, *, half: bool = True,
+                      source_update: dict[str, Any] | None = None) -> CheckpointMetadata:
+    """A slim copy for shipping: no training state, floating tensors stored as fp16 if ``half``.
+
+    Loading upcasts them to the model's fp32 parameters (``load_state_dict`` copies across dtypes).
+    """
+    ckpt = load_checkpoint(source)
+    state = {k: v.half() if half and v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+    meta = asdict(ckpt.metadata)
+    meta["source"] = {**meta["source"], **(source_update or {})}
+    write_atomic(output, {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": meta,
+                          "state_dict": state, "extra": {}})
+    return ckpt.metadata
+
+
+def describe(meta: CheckpointMetadata) -> str:
+    """One line on what a checkpoint is: backbone, AU set, and where it came from."""
+    source = meta.source or {}
+    origin = source.get("description") or {
+        "random": "randomly initialised (outputs are meaningless)",
+        "trained": f"trained on {source.get('dataset', '?')} fold {source.get('fold', '?')}",
+        "official": "converted from a reference MDHR checkpoint",
+    }.get(source.get("kind"), source.get("kind", "unknown origin"))
+    return f"MDHR-{meta.backbone}, {meta.au_set} AU set ({len(meta.aus)} AUs), {origin}"
 
 
 def file_sha256(path: str | Path) -> str:

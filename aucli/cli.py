@@ -84,6 +84,31 @@ def convert_official(
     )
 
 
+@app.command("export")
+def export_command(
+    source: Path = typer.Argument(..., help="An aucli checkpoint, e.g. runs/train/NAME/best.pt."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the slim checkpoint (.pt)."),
+    half: bool = typer.Option(True, "--fp16/--fp32", help="Store floating tensors as fp16 (upcast on load)."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Provenance kind to record, e.g. distilled."),
+    description: Optional[str] = typer.Option(None, "--description", help="One line on what the model is; "
+                                              "`aucli detect` prints it."),
+    keep_data_root: bool = typer.Option(False, "--keep-data-root", help="Keep the local data root in the metadata."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+) -> None:
+    """Write a checkpoint for sharing: no optimiser or training state, fp16 tensors by default."""
+    from .checkpoint import export_checkpoint
+    from .errors import UsageError
+
+    if output.exists() and not force:
+        raise UsageError(f"{output} exists; pass --force to overwrite it")
+    update = {k: v for k, v in (("kind", kind), ("description", description)) if v is not None}
+    if not keep_data_root:
+        update["data_root"] = None
+    meta = export_checkpoint(source, output, half=half, source_update=update)
+    typer.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB): MDHR-{meta.backbone}, {meta.au_set}",
+               err=True)
+
+
 def main() -> None:
     """Entry point: run the app, turning aucli errors into one line and an exit status."""
     try:
@@ -168,6 +193,7 @@ def detect(
 class DatasetLayout(str, Enum):
     bp4d = "bp4d"
     disfa = "disfa"
+    videos = "videos"
     synthetic = "synthetic"
 
 
@@ -196,7 +222,9 @@ def train_command(
     k: int = typer.Option(5, "--k", min=1, help="MFD temporal pooling half-window."),
     clip_length: int = typer.Option(16, "--clip-length", "-T", help="Frames per clip T."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Clips per step, per process."),
-    epochs: int = typer.Option(200, "--epochs", min=1, help="Epochs (one random clip per video each)."),
+    epochs: int = typer.Option(200, "--epochs", min=1, help="Epochs (--clips-per-video random clips per video each)."),
+    clips_per_video: int = typer.Option(1, "--clips-per-video", min=1,
+                                        help="Random clips drawn from each video per epoch (the reference: 1)."),
     lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW)."),
     weight_decay: float = typer.Option(5e-4, "--weight-decay", help="AdamW decoupled weight decay."),
     beta1: float = typer.Option(0.9, "--beta1"),
@@ -219,6 +247,8 @@ def train_command(
     eval_batch_size: int = typer.Option(8, "--eval-batch-size", min=1, help="Clips per validation batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (torchrun: one GPU per process)."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on GPUs that support it."),
+    cpu_amp: bool = typer.Option(False, "--cpu-amp", help="bf16 autocast when training on the CPU "
+                                 "(faster on CPUs with AVX512-BF16 or AMX)."),
     project: Path = typer.Option(Path("runs/train"), "--project", help="Folder of runs."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default <dataset>_fold<f>_<backbone>); never overwritten."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run from its last.pt (other options ignored)."),
@@ -233,11 +263,12 @@ def train_command(
         dataset=dataset.value, fold=fold, data_root=str(data_root) if data_root else None, backbone=backbone,
         pretrained=pretrained, backbone_weights=str(backbone_weights) if backbone_weights else None,
         drop_path_rate=drop_path_rate, feature_dim=feature_dim, k=k, clip_length=clip_length,
-        batch_size=batch_size, epochs=epochs, lr=lr, weight_decay=weight_decay, betas=(beta1, beta2),
+        batch_size=batch_size, epochs=epochs, clips_per_video=clips_per_video, lr=lr, weight_decay=weight_decay,
+        betas=(beta1, beta2),
         warmup_epochs=warmup_epochs, lambda_sub=lambda_sub, resize=resize, flip=flip, color_jitter=color_jitter,
         val_interval=val_interval, select_on_test=select_on_test, val_fraction=val_fraction,
         tune_thresholds=tune_thresholds, seed=seed, workers=workers, eval_batch_size=eval_batch_size,
-        device=_device_option(device), amp=amp, project=str(project), name=name,
+        device=_device_option(device), amp=amp, cpu_amp=cpu_amp, project=str(project), name=name,
     )
     train(cfg, resume=resume, stop_after=stop_after, quiet=quiet)
 
@@ -285,13 +316,24 @@ def eval_command(
 
 @app.command("prepare")
 def prepare_command(
-    dataset: DatasetLayout = typer.Argument(..., help="bp4d, disfa, or synthetic (generated from the sample media)."),
+    dataset: DatasetLayout = typer.Argument(
+        ..., help="bp4d, disfa, videos (any videos with per-frame label CSVs), or synthetic (generated)."),
     output: Path = typer.Option(..., "--output", "-o", help="Data root to write (images + fold lists)."),
     frames: Optional[Path] = typer.Option(None, "--frames", help="BP4D: frame root <subject>/<task>/<frame>.jpg."),
-    videos: Optional[Path] = typer.Option(None, "--videos", help="DISFA: folder with the left-camera videos."),
+    videos: Optional[Path] = typer.Option(None, "--videos", help="DISFA: folder with the left-camera videos; "
+                                          "videos: folder of videos (searched recursively)."),
     labels: Optional[Path] = typer.Option(
         None, "--labels", help="BP4D: folder of <subject>_<task>.csv AU occurrence files; "
-        "DISFA: ActionUnit_Labels folder (<SN>/<SN>_au<k>.txt)."),
+        "DISFA: ActionUnit_Labels folder (<SN>/<SN>_au<k>.txt); videos: OpenFace-style per-frame CSVs "
+        "(frame, success, AUxx_c), one per video, named by the video's file stem."),
+    index: Optional[Path] = typer.Option(None, "--index", help="videos: CSV with clip_id (video stem) and person "
+                                         "columns; clips of one person stay on one side of every split. "
+                                         "Without it each video is its own person."),
+    au_set: Optional[str] = typer.Option(None, "--au-set", help="videos: AU set of the labels (default: the "
+                                         "largest known set the label columns cover, e.g. openface)."),
+    test_fraction: Optional[float] = typer.Option(
+        None, "--test-fraction", min=0.01, max=0.9, help="videos: hold out this share of the persons as the "
+        "test list of a single fold 1 (default: three person-independent folds)."),
     parts: Optional[Path] = typer.Option(None, "--parts", help="Subject parts: JSON {subject: 1|2|3} or three lines "
                                          "of subject ids (default: the standard folds, spec §7.5)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Parallel processes (one core each)."),
@@ -299,10 +341,11 @@ def prepare_command(
     drop_missing: bool = typer.Option(False, "--drop-missing",
                                       help="Leave frames without a face out of the lists, instead of aligning them "
                                       "with the nearest frame's face."),
-    seed: int = typer.Option(0, "--seed", help="synthetic: the seed the data is generated from."),
+    seed: int = typer.Option(0, "--seed", help="synthetic: the seed the data is generated from; "
+                             "videos: the seed of the person split."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or summary."),
 ) -> None:
-    """Detect and align every frame of raw BP4D/DISFA and write the standard layout; resumable."""
+    """Detect and align every frame of raw BP4D/DISFA or labelled videos, write the standard layout; resumable."""
     from .errors import UsageError
 
     if dataset is DatasetLayout.synthetic:
@@ -319,9 +362,12 @@ def prepare_command(
     if source is None or labels is None:
         need = "--frames" if dataset is DatasetLayout.bp4d else "--videos"
         raise UsageError(f"prepare {dataset.value} needs {need} and --labels")
+    if dataset is not DatasetLayout.videos and (index or au_set or test_fraction):
+        raise UsageError("--index, --au-set and --test-fraction are for prepare videos")
+    options = dict(source=source, labels=labels, output=output, parts=parts, workers=workers, chunk=chunk,
+                   drop_missing=drop_missing, index=index, au_set=au_set, test_fraction=test_fraction, seed=seed)
     if quiet:
-        prepare(dataset.value, source=source, labels=labels, output=output, parts=parts,
-                workers=workers, chunk=chunk, drop_missing=drop_missing)
+        prepare(dataset.value, **options)
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -330,8 +376,7 @@ def prepare_command(
     with Progress(TextColumn(f"prepare {dataset.value}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
                   TimeRemainingColumn(), console=console) as bar:
         task = bar.add_task("frames", total=None)
-        summary = prepare(dataset.value, source=source, labels=labels, output=output, parts=parts,
-                          workers=workers, chunk=chunk, drop_missing=drop_missing,
+        summary = prepare(dataset.value, **options,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
     console.print(f"{summary['frames_written']} of {summary['frames']} frames written to {output}; "
                   f"{summary['frames_without_face']} without a detected face "

@@ -117,6 +117,7 @@ def run_detect(
     **options: Any,
 ) -> int:
     """Run detection on every input; returns the exit status (0, or 1 if any failed)."""
+    from .checkpoint import describe
     from .pipeline import Detector
 
     console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
@@ -139,6 +140,8 @@ def run_detect(
     for note in notes:
         console.print(f"aucli: note: {note}")
     detector = Detector(**options)
+    if not quiet:
+        console.print(f"aucli: model {detector.checkpoint}: {describe(detector.model.metadata)}")
     writer = get_writer(format)
     for job in jobs:
         name = str(job.source)

@@ -203,7 +203,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path | None 
                         batch_size: int = 8, device: str = "cpu", workers: int = 0) -> EvalResult:
     """Evaluate a trained checkpoint on its fold; dataset, fold and data root default to the checkpoint's."""
     from .checkpoint import load_model
-    from .data.layout import get_format, load_split
+    from .data.layout import load_split, resolve_format
 
     if protocol not in PREDICTORS:
         raise AucliError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PREDICTORS)}")
@@ -219,7 +219,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path | None 
         raise AucliError(f"{checkpoint}: the checkpoint names no data root; pass --data-root")
     if not Path(data_root).is_dir():
         raise AucliError(f"{data_root}: data root not found; pass --data-root")
-    fmt = get_format(dataset)
+    fmt = resolve_format(dataset, data_root)
     if get_au_set(fmt.au_set).aus != get_au_set(meta.au_set).aus:
         raise AucliError(f"{checkpoint}: checkpoint is for AU set {meta.au_set}, but {dataset} uses {fmt.au_set}")
     data = load_split(data_root, fmt, split, int(fold))

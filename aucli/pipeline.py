@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from . import __version__
+from .checkpoint import STARTER
 from .errors import UsageError
 from .faces import FaceDetector, FaceTracker, TrackedFace, align_face, face_to_tensor, smooth_landmarks
 from .video import DEFAULT_FPS, Frame, VideoInfo, open_video
@@ -49,7 +50,7 @@ class Progress(Protocol):
 
 
 def resolve_checkpoint(checkpoint: str | Path | None = None) -> Path:
-    """--checkpoint, else $AUCLI_CHECKPOINT, else the single .pt file in ./weights/."""
+    """--checkpoint, else $AUCLI_CHECKPOINT, else the single .pt file in ./weights/, else the shipped starter."""
     chosen = checkpoint or os.environ.get("AUCLI_CHECKPOINT")
     if chosen:
         path = Path(chosen)
@@ -62,7 +63,9 @@ def resolve_checkpoint(checkpoint: str | Path | None = None) -> Path:
     if len(found) > 1:
         names = ", ".join(str(p) for p in found)
         raise UsageError(f"weights/ holds several checkpoints ({names}); choose one with --checkpoint")
-    raise UsageError(f"no checkpoint: {CHECKPOINT_HELP}")
+    if STARTER.is_file():
+        return STARTER
+    raise UsageError(f"no checkpoint (and the shipped starter model is missing from this install): {CHECKPOINT_HELP}")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

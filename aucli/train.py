@@ -44,6 +44,7 @@ class TrainConfig:
     clip_length: int = 16
     batch_size: int = 8
     epochs: int = 200
+    clips_per_video: int = 1  # the reference draws one window per video per epoch (spec §7.3)
     lr: float = 1e-4
     weight_decay: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -60,7 +61,8 @@ class TrainConfig:
     workers: int = 4
     eval_batch_size: int = 8
     device: str | None = None
-    amp: bool = True  # bf16 autocast where the GPU supports it; never on CPU
+    amp: bool = True  # bf16 autocast where the GPU supports it
+    cpu_amp: bool = False  # bf16 autocast on the CPU too (fast where it has AVX512-BF16 or AMX)
     project: str = "runs/train"
     name: str | None = None
 
@@ -211,7 +213,10 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     is_main = rank == 0
-    amp_dtype = torch.bfloat16 if (use_cuda and cfg.amp and torch.cuda.is_bf16_supported()) else None
+    if use_cuda:
+        amp_dtype = torch.bfloat16 if cfg.amp and torch.cuda.is_bf16_supported() else None
+    else:
+        amp_dtype = torch.bfloat16 if cfg.cpu_amp else None
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # as the reference
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
 
@@ -229,7 +234,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
     weights = torch.tensor(train_split.loss_weights(), dtype=torch.float32, device=device)
     augment = ClipAugment(resize=cfg.resize, flip=cfg.flip, jitter=(1 - cfg.color_jitter, 1 + cfg.color_jitter))
     dataset = TrainClips(train_split, cfg.clip_length, augment)
-    sampler = VideoClipSampler([len(v) for v in dataset.videos], cfg.clip_length, cfg.seed, rank, world_size)
+    sampler = VideoClipSampler([len(v) for v in dataset.videos], cfg.clip_length, cfg.seed, rank, world_size,
+                               clips_per_video=cfg.clips_per_video)
     # Its own generator keeps worker seeding off the global RNG, which then only the model uses.
     # More loader processes than cores only thrashes; clips do not depend on the count (data/clips.py).
     workers = min(cfg.workers, os.cpu_count() or 1)

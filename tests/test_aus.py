@@ -102,3 +102,21 @@ def test_loss_weights_ignore_unknown_labels():
     w = tiny.loss_weights(labels)
     # AU1: 10 positives of 20 known; AU2: 10 of 30 known.
     np.testing.assert_allclose(w, np.array([2.0, 3.0]) / 5.0 * 2)
+
+
+def test_openface_set_is_derived_like_the_others():
+    s = get_au_set("openface")
+    assert s.aus == (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 25, 26, 45)
+    assert 28 not in s.aus
+    assert s.aux_classes == [64, 4, 16, 32]
+    assert s.branch_blocks
+    # AU45 (blink) and AU1 share the upper-face branch: not linked; AU45 and AU12 are.
+    i = {au: n for n, au in enumerate(s.aus)}
+    assert s.adjacency[i[45], i[1]] == 0 and s.adjacency[i[45], i[12]] == 1
+    assert s.adjacency[i[12], i[20]] == 0 and s.adjacency[i[12], i[25]] == 1
+    labels = np.zeros((3, 17), dtype=np.int64)
+    labels[0, i[1]] = labels[0, i[45]] = 1
+    classes = s.encode_regions(labels)
+    assert classes[0, 0] == 0b100001  # MSB first: AU1 then 2, 4, 5, 7, 45
+    np.testing.assert_array_equal(s.decode_regions(classes), (labels == 1).astype(np.int64))
+    assert all(name for name in s.names)

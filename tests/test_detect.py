@@ -305,8 +305,9 @@ def test_unwritable_output_and_checkpoint_problems(tmp_path, monkeypatch, capsys
     assert code == 1
     _one_line_error(err, str(clip), "cannot write")
 
-    monkeypatch.chdir(tmp_path)  # no ./weights here
+    monkeypatch.chdir(tmp_path)  # no ./weights here, and (as if left out of the install) no starter
     monkeypatch.delenv("AUCLI_CHECKPOINT", raising=False)
+    monkeypatch.setattr("aucli.pipeline.STARTER", tmp_path / "no-starter.pt")
     code, err = run_cli(monkeypatch, capsys, "detect", clip)
     assert code == 2
     _one_line_error(err, "checkpoint", "train", "convert")

@@ -64,17 +64,19 @@ class TrainClips(Dataset):
 
 
 class VideoClipSampler(Sampler[ClipRequest]):
-    """One random window per video per epoch, shuffled, sharded over processes like DistributedSampler."""
+    """Random windows per video per epoch (one, as the reference; or ``clips_per_video``), shuffled,
+    sharded over processes like DistributedSampler."""
 
     def __init__(self, video_lengths: list[int], clip_length: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, clips_per_video: int = 1) -> None:
         self.lengths = list(video_lengths)
         self.clip_length = clip_length
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.clips_per_video = clips_per_video
         self.epoch = 0
-        self.per_rank = math.ceil(len(self.lengths) / world_size)
+        self.per_rank = math.ceil(len(self.lengths) * clips_per_video / world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -82,7 +84,9 @@ class VideoClipSampler(Sampler[ClipRequest]):
     def requests(self) -> list[ClipRequest]:
         """All requests of this epoch for every rank, in order (rank r takes r, r + W, ...)."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=gen).tolist()
+        count = len(self.lengths) * self.clips_per_video
+        # With one clip per video this is the permutation of the videos, as before.
+        order = [i % len(self.lengths) for i in torch.randperm(count, generator=gen).tolist()]
         seeds = torch.randint(0, 2**31 - 1, (len(order),), generator=gen).tolist()
         out = []
         for video, seed in zip(order, seeds):

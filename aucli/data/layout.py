@@ -13,8 +13,9 @@ BP4D and DISFA differ only in the values of a ``DatasetFormat`` record.
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -73,7 +74,13 @@ FORMATS: dict[str, DatasetFormat] = {
                            tuple(map(tuple, DISFA_PARTS))),
     # Generated data (aucli.data.synthetic) uses the BP4D AU set and BP4D-like paths.
     "synthetic": DatasetFormat("synthetic", "bp4d", "SYNTH", "img_path", "img", ".jpg", 2, True),
+    # Labelled videos of any source (`aucli prepare videos`): <person>/<clip>/<frame>.jpg. The AU
+    # set is whatever the labels code; it is read from the data root's DATASET_INFO.
+    "videos": DatasetFormat("videos", "", "VIDEOS", "img_path", "img", ".jpg", 2, True),
 }
+
+#: File in a data root that names its AU set, for formats whose AU set is not fixed.
+DATASET_INFO = "aucli_dataset.json"
 
 #: Fold f trains on two parts and tests on the third, in the order of spec §7.5 (0-based parts).
 FOLD_PARTS: dict[int, tuple[tuple[int, int], int]] = {1: ((0, 1), 2), 2: ((0, 2), 1), 3: ((1, 2), 0)}
@@ -86,6 +93,29 @@ def get_format(name: str | DatasetFormat) -> DatasetFormat:
         return FORMATS[name.lower()]
     except KeyError:
         raise AucliError(f"unknown dataset {name!r}; choose one of: {', '.join(FORMATS)}") from None
+
+
+def resolve_format(dataset: str | DatasetFormat, root: str | Path) -> DatasetFormat:
+    """The format of `dataset` with its AU set; for ``videos`` the AU set is read from the data root."""
+    fmt = get_format(dataset)
+    if fmt.au_set:
+        return fmt
+    info = Path(root) / DATASET_INFO
+    try:
+        name = json.loads(info.read_text())["au_set"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise AucliError(f"{info}: missing or unreadable; prepare the data with `aucli prepare {fmt.name}`") from None
+    try:
+        return replace(fmt, au_set=get_au_set(name).name)
+    except ValueError as exc:
+        raise AucliError(f"{info}: {exc}") from None
+
+
+def write_dataset_info(root: str | Path, fmt: DatasetFormat, **details) -> None:
+    path = Path(root) / DATASET_INFO
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"format": fmt.name, "au_set": fmt.au_set, **details}, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def check_fold(fold: int) -> int:
@@ -202,10 +232,11 @@ def _read_ints(path: Path, columns: int, what: str) -> np.ndarray:
 
 def load_split(root: str | Path, dataset: str | DatasetFormat, split: str, fold: int) -> Split:
     """Read one list of the standard layout; missing sub-labels and weights are derived."""
-    fmt, root = get_format(dataset), Path(root)
+    root = Path(root)
     check_fold(fold)
     if not root.is_dir():
         raise AucliError(f"{root}: data root not found")
+    fmt = resolve_format(dataset, root)
     au_set = get_au_set(fmt.au_set)
     paths_file = find_list(root, fmt.list_name(split, "paths", fold))
     labels_file = find_list(root, fmt.list_name(split, "label", fold))

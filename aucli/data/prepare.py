@@ -1,4 +1,4 @@
-"""`aucli prepare`: raw BP4D/DISFA -> the standard layout (aligned 256x256 crops + fold lists).
+"""`aucli prepare`: raw BP4D/DISFA or labelled videos -> the standard layout (aligned 256x256 crops + fold lists).
 
 Faces are found, tracked, smoothed and aligned exactly as `aucli detect` does
 (aucli.faces: MTCNN, the main-face tracker, landmark smoothing over each run of
@@ -12,15 +12,16 @@ is found take the landmarks of the nearest frame with a face in the same unit
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from ..errors import AucliError, UsageError
-from .layout import fold_subjects, get_format, write_split
-from .raw import READERS, RawVideo
+from .layout import fold_subjects, get_format, write_dataset_info, write_split
+from .raw import READERS, RawVideo, read_videos
 
 MARKERS = ".prepare"  # folder of per-unit markers under the output root
 
@@ -144,23 +145,64 @@ def _run(args: tuple) -> dict:
     return process_unit(*args)
 
 
+def split_persons(persons: list[str], test_fraction: float | None, seed: int) -> list[list[str]]:
+    """Person groups -> three parts, never splitting a person.
+
+    With ``test_fraction``: part 1 trains, part 3 (that share of the persons, at least one)
+    tests, part 2 is empty, so only fold 1 exists. Otherwise three parts of near-equal size.
+    """
+    import torch
+
+    order = [persons[i] for i in torch.randperm(len(persons), generator=torch.Generator().manual_seed(seed))]
+    if test_fraction is None:
+        return [sorted(order[p::3]) for p in range(3)]
+    count = max(1, math.ceil(test_fraction * len(order)))
+    if count >= len(order):
+        raise UsageError(f"--test-fraction {test_fraction} leaves no person to train on")
+    return [sorted(order[count:]), [], sorted(order[:count])]
+
+
+def _collect(dataset: str, source: Path, labels: Path, output: Path, parts, problems: list[str], *,
+             index: Path | None, au_set: str | None, test_fraction: float | None, seed: int):
+    """Raw videos of a dataset, its format (with the AU set) and the subjects of its three parts."""
+    fmt = get_format(dataset)
+    if dataset != "videos":
+        return fmt, READERS[dataset](source, labels, problems), read_parts(parts, fmt.parts)
+    cache = output / MARKERS / "frame_counts.json"
+    counts = json.loads(cache.read_text()) if cache.is_file() else {}
+    try:
+        videos, au_set_name = read_videos(source, labels, problems, index=index, au_set=au_set, counts=counts)
+    finally:
+        if counts:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(counts))
+    persons = sorted({v.subject for v in videos})
+    subject_parts = read_parts(parts, ()) if parts else split_persons(persons, test_fraction, seed)
+    return replace(fmt, au_set=au_set_name), videos, subject_parts
+
+
 def prepare(dataset: str, *, source: str | Path, labels: str | Path, output: str | Path,
             parts: str | Path | None = None, workers: int = 1, chunk: int = 512, smoothing: int = 2,
-            drop_missing: bool = False, progress=None) -> dict:
+            drop_missing: bool = False, index: str | Path | None = None, au_set: str | None = None,
+            test_fraction: float | None = None, seed: int = 0, progress=None) -> dict:
     """Build the standard layout of `dataset` under `output`; returns a summary (also in prepare.json).
 
+    ``videos``: any videos with per-frame label CSVs (``read_videos``); persons from ``index``
+    are split into parts by ``seed`` (``test_fraction``: one train/test fold), never by clip.
     ``progress(done_frames, total_frames)`` is called as units finish.
     """
-    fmt = get_format(dataset)
-    if dataset not in READERS:
-        raise UsageError(f"prepare supports {', '.join(READERS)}, not {dataset}")
+    if dataset not in READERS and dataset != "videos":
+        raise UsageError(f"prepare supports {', '.join([*READERS, 'videos'])}, not {dataset}")
     source, labels, output = Path(source), Path(labels), Path(output)
     for what, path in (("frames/videos", source), ("labels", labels)):
         if not path.is_dir():
             raise AucliError(f"{path}: {what} folder not found")
-    subject_parts = read_parts(parts, fmt.parts)
+    if index is not None and not Path(index).is_file():
+        raise AucliError(f"{index}: index file not found")
     problems: list[str] = []
-    videos = READERS[dataset](source, labels, problems)
+    fmt, videos, subject_parts = _collect(dataset, source, labels, output, parts, problems,
+                                          index=Path(index) if index else None, au_set=au_set,
+                                          test_fraction=test_fraction, seed=seed)
     assigned = {s for part in subject_parts for s in part}
     unassigned = sorted({v.subject for v in videos} - assigned)
     if unassigned:
@@ -203,7 +245,9 @@ def prepare(dataset: str, *, source: str | Path, labels: str | Path, output: str
     missing = {u.video.key: [] for u in units}
     for u in units:
         missing[u.video.key].extend(done[u.marker]["missing"])
-    for fold in (1, 2, 3):
+    single = dataset == "videos" and test_fraction is not None and not parts  # one split (split_persons)
+    folds = []
+    for fold in (1,) if single else (1, 2, 3):
         for split, subjects in zip(("train", "test"), fold_subjects(subject_parts, fold)):
             paths, rows = [], []
             for subject in subjects:
@@ -213,9 +257,13 @@ def prepare(dataset: str, *, source: str | Path, labels: str | Path, output: str
                     rows.append(v.labels[keep])
             if paths:
                 write_split(output, fmt, split, fold, paths, np.concatenate(rows))
+                if split == "test" and subjects:
+                    folds.append(fold)
             else:
                 problems.append(f"fold {fold} {split}: no frames (no subject of its parts was found)")
-    summary = {"dataset": fmt.name, "videos": len(videos), "frames": total,
+    if not fmt.parts:  # formats without standard folds say what they hold
+        write_dataset_info(output, fmt, folds=folds, seed=seed, test_fraction=test_fraction)
+    summary = {"dataset": fmt.name, "au_set": fmt.au_set, "folds": folds, "videos": len(videos), "frames": total,
                "frames_written": sum(len(w) for w in written.values()),
                "frames_without_face": sum(len(m) for m in missing.values()),
                "missing_by_video": {k: m for k, m in missing.items() if m},

@@ -126,3 +126,118 @@ def read_disfa(videos_root: Path, labels_root: Path, problems: list[str]) -> lis
 
 #: Raw reader of each dataset.
 READERS = {"bp4d": read_bp4d, "disfa": read_disfa}
+
+
+# ----- labelled videos of any source (`aucli prepare videos`) ------------------------------------
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
+
+
+def count_frames(path: Path) -> int:
+    """Frames PyAV decodes from a video: the count OpenFace-style label files have one row each for."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        return sum(1 for _ in container.decode(stream))
+
+
+def label_au_set(columns: list[str]) -> str:
+    """The largest known AU set whose every AU has an occurrence column ``AUxx_c``."""
+    from ..aus import AU_SETS
+
+    have = {c.strip() for c in columns}
+    fits = [s for s in AU_SETS.values() if all(f"{label}_c" in have for label in s.labels)]
+    if not fits:
+        raise AucliError("the label files code no known AU set completely (columns AUxx_c); "
+                         f"known sets: {', '.join(AU_SETS)}")
+    return max(fits, key=lambda s: s.num_aus).name
+
+
+def read_index(index: Path | None) -> dict[str, str]:
+    """clip (video file stem) -> person group, from an index CSV with columns clip_id (or video) and person."""
+    if index is None:
+        return {}
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(index, dtype=str)
+    except (OSError, ValueError) as exc:
+        raise AucliError(f"{index}: not a readable CSV ({exc})") from None
+    key = next((c for c in ("clip_id", "video", "video_file") if c in table.columns), None)
+    if key is None or "person" not in table.columns:
+        raise AucliError(f"{index}: needs a person column and a clip_id (or video) column")
+    return {Path(str(k)).stem: str(p) for k, p in zip(table[key], table["person"]) if isinstance(p, str) and p}
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
+def read_videos(videos_root: Path, labels_root: Path, problems: list[str], *, index: Path | None = None,
+                au_set: str | None = None, counts: dict[str, int] | None = None) -> tuple[list[RawVideo], str]:
+    """Videos with OpenFace-style per-frame label CSVs, matched by file stem -> (videos, AU set name).
+
+    Label files have one row per decoded frame (columns ``frame``, ``success``, ``AUxx_c``);
+    ``success`` = 0 marks a frame whose labels are unknown (9). A row count that differs
+    from the decoded frame count is an error naming the file. ``counts`` caches frame
+    counts by video path (filled in as videos are counted).
+    """
+    import pandas as pd
+
+    labels = {p.stem: p for p in sorted(labels_root.rglob("*.csv"))}
+    videos = {p.stem: p for p in sorted(videos_root.rglob("*")) if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES}
+    if not videos:
+        raise AucliError(f"{videos_root}: no video files found")
+    if not labels:
+        raise AucliError(f"{labels_root}: no label files <video stem>.csv found")
+    persons = read_index(index)
+    for stem in sorted(set(videos) - set(labels)):
+        problems.append(f"{videos[stem].name}: no label file {stem}.csv; left out")
+    for stem in sorted(set(labels) - set(videos)):
+        problems.append(f"{labels[stem].name}: no video with that name; left out")
+    stems = sorted(set(videos) & set(labels))
+    if not stems:
+        raise AucliError(f"{videos_root}: no video has a label file of the same name in {labels_root}")
+    if index is not None:
+        unindexed = [s for s in stems if s not in persons]
+        if unindexed:
+            problems.append(f"{len(unindexed)} videos not in {index.name} get a person group of their own "
+                            f"({', '.join(unindexed[:3])}{', ...' if len(unindexed) > 3 else ''})")
+    tables = {}
+    for stem in stems:
+        try:
+            table = pd.read_csv(labels[stem], skipinitialspace=True)
+        except (OSError, ValueError) as exc:
+            raise AucliError(f"{labels[stem]}: not a readable CSV ({exc})") from None
+        table.columns = [str(c).strip() for c in table.columns]
+        tables[stem] = table
+    chosen = get_au_set(au_set) if au_set else get_au_set(label_au_set(list(tables[stems[0]].columns)))
+    counts = {} if counts is None else counts
+    out = []
+    for stem in stems:
+        table, file = tables[stem], labels[stem]
+        missing = [f"{label}_c" for label in chosen.labels if f"{label}_c" not in table.columns]
+        if missing:
+            raise AucliError(f"{file}: no column {', '.join(missing)} for AU set {chosen.name}")
+        key = str(videos[stem])
+        if key not in counts:
+            try:
+                counts[key] = count_frames(videos[stem])
+            except Exception as exc:  # PyAV raises many kinds
+                raise AucliError(f"{videos[stem]}: not a readable video ({exc})") from None
+        if counts[key] != len(table):
+            raise AucliError(f"{file}: {len(table)} label rows, but {videos[stem].name} decodes to {counts[key]} "
+                             "frames (one row per decoded frame expected)")
+        values = table[[f"{label}_c" for label in chosen.labels]].to_numpy(dtype=np.float64)
+        known = ~np.isnan(values)
+        if "success" in table.columns:
+            known &= (table["success"].to_numpy() == 1)[:, None]
+        occ = np.where(known, (np.nan_to_num(values) >= 0.5).astype(np.int64), UNKNOWN)
+        person = _safe(persons.get(stem, stem))
+        key_path = f"{person}/{_safe(stem)}"
+        frames = list(range(len(table)))
+        out.append(RawVideo(person, key_path, videos[stem], frames, occ,
+                            [f"{key_path}/{i:05d}.jpg" for i in frames]))
+    return out, chosen.name

@@ -1,0 +1,118 @@
+"""`aucli prepare videos`: labelled videos -> the standard layout, then train and eval on it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from aucli.data.layout import load_split, resolve_format
+from aucli.data.prepare import prepare, split_persons
+from aucli.data.raw import label_au_set
+from aucli.errors import AucliError
+
+SLICE = Path(__file__).resolve().parent / "data" / "distill_slice"
+PERSON_OF = {"spectre__oza6jryjvqs_00004": "spectre__oza6jryjvqs_00004",
+             "spectre__pbgb2tayhio_00007": "spectre__pbgb2tayhio_00007",
+             "styletalk__furious_talk2_clip1": "styletalk_furious_talk2",
+             "styletalk__furious_talk2_clip2": "styletalk_furious_talk2"}
+
+
+UNSUCCESSFUL = ("spectre__oza6jryjvqs_00004", [3, 4])  # frames where the fixture says OpenFace lost the face
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("videos")
+    labels = root / "labels"
+    shutil.copytree(SLICE / "labels", labels)
+    clip, rows = UNSUCCESSFUL
+    table = pd.read_csv(labels / f"{clip}.csv")
+    table.loc[rows, "success"] = 0
+    table.to_csv(labels / f"{clip}.csv", index=False)
+    out = root / "data"
+    prepare("videos", source=SLICE / "videos", labels=labels, output=out,
+            index=SLICE / "corpus.csv", test_fraction=0.3, seed=0)
+    return out
+
+
+def test_layout_labels_and_person_split(prepared):
+    info = json.loads((prepared / "aucli_dataset.json").read_text())
+    assert info["au_set"] == "openface" and info["folds"] == [1]
+    assert resolve_format("videos", prepared).au_set == "openface"
+    train, test = (load_split(prepared, "videos", s, 1) for s in ("train", "test"))
+    assert len(train) + len(test) == 27 + 35 + 60 + 60
+    # Persons never straddle the split; the two clips of one person stay together.
+    assert not set(train.subjects) & set(test.subjects)
+    assert {"styletalk_furious_talk2"} <= set(train.subjects) | set(test.subjects)
+    # Labels are the teacher's AUxx_c columns, row for row, in frame order.
+    for split in (train, test):
+        for video in split.videos():
+            person, clip = split.paths[video.start].split("/")[:2]
+            assert PERSON_OF[clip] == person
+            table = pd.read_csv(SLICE / "labels" / f"{clip}.csv")
+            expected = table[[f"{a}_c" for a in split.au_set.labels]].to_numpy().astype(np.int64)
+            if clip == UNSUCCESSFUL[0]:
+                expected[UNSUCCESSFUL[1]] = 9
+            np.testing.assert_array_equal(split.labels[list(video)], expected)
+            assert split.image_path(video.start).is_file()
+    assert train.labels.shape[1] == 17
+
+
+def test_unsuccessful_frames_are_unknown(prepared):
+    clip, rows = UNSUCCESSFUL
+    for split in (load_split(prepared, "videos", s, 1) for s in ("train", "test")):
+        frames = [i for i, p in enumerate(split.paths) if f"/{clip}/" in p]
+        if frames:
+            assert all((split.labels[frames[r]] == 9).all() for r in rows)
+            assert set(np.unique(split.labels[frames[rows[-1] + 1]])) <= {0, 1}
+            assert (split.sub_labels[frames[rows[0]]] == -1).all()
+            return
+    pytest.fail(f"{clip} is in neither list")
+
+
+def test_count_mismatch_is_one_line_error_naming_the_file(tmp_path):
+    labels = tmp_path / "labels"
+    shutil.copytree(SLICE / "labels", labels)
+    file = labels / "styletalk__furious_talk2_clip2.csv"
+    pd.read_csv(file).iloc[:-1].to_csv(file, index=False)
+    with pytest.raises(AucliError, match="styletalk__furious_talk2_clip2.csv: 59 label rows.*60 frames") as err:
+        prepare("videos", source=SLICE / "videos", labels=labels, output=tmp_path / "out", seed=0)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out" / "VIDEOS_train_img_path_fold1.txt").exists()
+
+
+def test_au_set_from_columns_and_person_split():
+    columns = ["frame", "success"] + [f"AU{a:02d}_c" for a in (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23,
+                                                                 25, 26, 28, 45)]
+    assert label_au_set(columns) == "openface"
+    assert label_au_set([c for c in columns if c != "AU45_c"]) == "disfa"
+    with pytest.raises(AucliError):
+        label_au_set(["frame", "AU01_c"])
+    persons = [f"p{i}" for i in range(20)]
+    train, empty, test = split_persons(persons, 0.15, seed=3)
+    assert len(test) == 3 and not empty and sorted(train + test) == sorted(persons)
+    assert split_persons(persons, 0.15, seed=3) == [train, empty, test]
+    parts = split_persons(persons, None, seed=3)
+    assert sorted(sum(parts, [])) == sorted(persons) and {len(p) for p in parts} <= {6, 7}
+
+
+def test_train_and_eval_on_prepared_videos(prepared, tmp_path):
+    from aucli.evaluate import evaluate_checkpoint
+    from aucli.train import TrainConfig, train
+
+    cfg = TrainConfig(dataset="videos", data_root=str(prepared), backbone="resnet_tiny", feature_dim=64,
+                      clip_length=6, k=2, batch_size=2, epochs=2, clips_per_video=2, lr=5e-3, flip=False,
+                      color_jitter=0.0, val_interval=1, select_on_test=True, workers=0,
+                      project=str(tmp_path / "runs"), name="t")
+    result = train(cfg, quiet=True)
+    config = json.loads((Path(result["run_dir"]) / "config.json").read_text())
+    assert config["iters_per_epoch"] == 2 * len(load_split(prepared, "videos", "train", 1).videos()) // 2
+    evaluated = evaluate_checkpoint(Path(result["run_dir"]) / "best.pt")
+    assert evaluated.metrics.aus == [f"AU{a:02d}" for a in (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 25,
+                                                            26, 45)]
+    assert evaluated.metrics.mean_f1 == pytest.approx(result["test"]["mean_f1"], abs=1e-6)
