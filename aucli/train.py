@@ -213,7 +213,6 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
     is_main = rank == 0
     amp_dtype = torch.bfloat16 if (use_cuda and cfg.amp and torch.cuda.is_bf16_supported()) else None
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # as the reference
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
 
     # 3. Data: training subjects minus a held-out validation set, unless selecting on test (spec §6.5).
     data_root = resolve_data_root(cfg, is_main)
@@ -239,6 +238,11 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
     iters_per_epoch = len(loader)
 
     # 4. Model and optimiser: AdamW over all parameters in one group (spec §6.1).
+    # Seeded here, just before the model draws its initial weights, and not at the start: preparing
+    # the data may draw from the global generators too (generating the synthetic set builds MTCNN,
+    # whose layers initialise randomly before loading their weights), and whether it does depends
+    # on what is already cached, so a run that generated the data would start from other weights.
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     raw_model = MDHR(au_set, backbone=cfg.backbone, k=cfg.k, feature_dim=cfg.feature_dim,
                      pretrained=cfg.pretrained and ckpt is None, backbone_weights=None if ckpt else cfg.backbone_weights,
                      drop_path_rate=cfg.drop_path_rate).to(device)
