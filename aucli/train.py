@@ -396,7 +396,8 @@ class TrainDisplay:
         if self.task is None:
             self.progress.start()
             self.task = self.progress.add_task("train", total=self.iters, epoch=epoch + 1, loss=0.0, lr=0.0, fps=0.0)
-        self.progress.reset(self.task, total=self.iters, epoch=epoch + 1)
+        # reset() replaces every field it is given fields for, so give it all of them.
+        self.progress.reset(self.task, total=self.iters, epoch=epoch + 1, loss=0.0, lr=0.0, fps=0.0)
         self.t0 = time.time()
 
     def step(self, step: int, loss: float, lr: float, frames: int) -> None:
