@@ -165,6 +165,14 @@ def resolve_data_root(cfg: TrainConfig, is_main: bool) -> str:
     return str(ensure_synthetic(cfg.data_root) if not is_main else root)
 
 
+def _logged_epoch(line: str) -> float:
+    """The epoch of a metrics.jsonl line; a line cut short by a kill counts as after every epoch."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def run_name(cfg: TrainConfig) -> str:
     return cfg.name or f"{cfg.dataset}_fold{cfg.fold}_{cfg.backbone}"
 
@@ -262,11 +270,15 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
         optimizer.load_state_dict(ckpt.extra["optimizer"])
         start_epoch, best = ckpt.extra["epoch"], ckpt.extra["best"]
         set_rng_state(ckpt.extra["rng"][rank] if rank < len(ckpt.extra["rng"]) else ckpt.extra["rng"][0])
+        if not use_cuda and ckpt.extra.get("threads"):
+            # CPU kernels split their sums by thread, so the count changes the last bits of every
+            # step: continue with the count the run was started with, to end where it would have.
+            torch.set_num_threads(ckpt.extra["threads"])
         if (run_dir / "best.pt").is_file():
             best_state = load_checkpoint(run_dir / "best.pt").state_dict
         log = run_dir / "metrics.jsonl"
         if is_main and log.is_file():  # drop epochs logged after the checkpoint we resume from
-            kept = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= start_epoch]
+            kept = [line for line in log.read_text().splitlines() if _logged_epoch(line) <= start_epoch]
             log.write_text("".join(line + "\n" for line in kept))
     else:
         holder = [str(new_run_dir(cfg.project, run_name(cfg))) if is_main else None]
@@ -276,7 +288,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
         if is_main:
             (run_dir / "config.json").write_text(json.dumps(
                 {**asdict(cfg), "data_root": data_root, "world_size": world_size,
-                 "val_subjects": val_subjects, "iters_per_epoch": iters_per_epoch}, indent=2) + "\n")
+                 "val_subjects": val_subjects, "iters_per_epoch": iters_per_epoch,
+                 "threads": torch.get_num_threads()}, indent=2) + "\n")
     source = {"kind": "trained", "dataset": cfg.dataset, "fold": cfg.fold, "data_root": str(Path(data_root).resolve()),
               "selection": "test fold" if cfg.select_on_test else "held-out training subjects",
               "val_subjects": val_subjects}
@@ -298,7 +311,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
             states = [rng_state()] if world_size == 1 else [None] * world_size
             if world_size > 1:
                 dist.all_gather_object(states, rng_state())
-            extra.update(optimizer=optimizer.state_dict(), best=best, rng=states)
+            extra.update(optimizer=optimizer.state_dict(), best=best, rng=states, threads=torch.get_num_threads())
         if is_main:
             save_checkpoint(path, raw_model, clip_length=cfg.clip_length, thresholds=thresholds,
                             source={**source, "epoch": epoch, "metrics": metrics}, extra=extra)
