@@ -131,13 +131,15 @@ class Backbone(nn.Module):
 
     def load_weights_file(self, path: str | Path) -> None:
         """Load backbone weights from a local file (a timm/torchvision state dict, or {'model': ...})."""
+        from ..checkpoint import load_tensors, unreadable_reason
+
         path = Path(path)
         if not path.is_file():
             raise AucliError(f"{path}: backbone weights file not found")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_tensors(path)
         except Exception as exc:
-            raise AucliError(f"{path}: not a readable weights file ({type(exc).__name__})") from None
+            raise AucliError(f"{path}: not a readable weights file ({unreadable_reason(exc)})") from None
         for key in ("model", "state_dict"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]
