@@ -189,7 +189,7 @@ def train_command(
         "synthetic: where to generate, default a cache folder)."),
     backbone: str = typer.Option("resnet50", "--backbone", "-b",
                                  help="resnet50, swin_base, or for experiments resnet18, swin_tiny, resnet_tiny."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="Start from timm's ImageNet weights (needs network)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Start from timm's ImageNet weights (downloaded unless cached)."),
     backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="Start the backbone from this file."),
     drop_path_rate: Optional[float] = typer.Option(None, "--drop-path-rate", help="Swin drop-path (default 0.5 for swin_base)."),
     feature_dim: int = typer.Option(512, "--feature-dim", help="Common feature width d."),
