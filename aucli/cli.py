@@ -161,6 +161,21 @@ def detect(
     raise SystemExit(status)
 
 
+@app.command("plot")
+def plot_command(
+    table: Path = typer.Argument(..., help="A table written by aucli detect (.csv or .json)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Image file; .png, .svg or .pdf picks the format. Default: TABLE with .png."),
+    face_id: Optional[int] = typer.Option(
+        None, "--face-id", help="Draw only this face of a --faces all table (default: one figure per face)."),
+) -> None:
+    """Draw each AU's probability over time, its active spans and the gaps without a face."""
+    from .plot import plot_table
+
+    for path in plot_table(table, output, face_id):
+        typer.echo(f"wrote {path}", err=True)
+
+
 # ----- training, evaluation and dataset preparation (aucli.train, aucli.evaluate, aucli.data) -----
 
 
