@@ -147,13 +147,17 @@ def detect(
         None, "--threshold", min=0.0, max=1.0, help="Decision threshold for every AU, instead of the checkpoint's."
     ),
     fps: float = typer.Option(30.0, "--fps", min=0.001, help="Frame rate of image sequences."),
+    overlay: Optional[Path] = typer.Option(
+        None, "--overlay", help="Also write the video with each face's box, landmarks, id and AU bars "
+        "(.mp4, .mov or .mkv; a folder with several inputs). The AU results do not change.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Find Action Units in videos: one row per frame (per face with --faces all)."""
     from .detect_cli import run_detect
 
     status = run_detect(
-        inputs, output, format.value if format else None, quiet,
+        inputs, output, format.value if format else None, quiet, overlay,
         checkpoint=checkpoint, device=device, batch_size=batch_size, faces=faces.value,
         threshold=threshold, fps=fps,
     )
