@@ -89,9 +89,11 @@ def main() -> None:
     try:
         # Without standalone mode click returns (rather than raises) a command's exit code.
         status = app(standalone_mode=False)
+        if status == 130:  # typer turns a Ctrl-C the command did not handle into a silent 130
+            typer.echo("aucli: interrupted", err=True)
         sys.exit(status if isinstance(status, int) else 0)
     except AucliError as exc:
-        typer.echo(f"aucli: error: {exc}", err=True)
+        typer.echo(f"aucli: {exc.label}: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("aucli: interrupted", err=True)

@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .errors import AucliError, UsageError
+from .errors import AucliError, Interrupted, UsageError
 from .video import VideoInfo, expand_input
 from .writers import WRITERS, check_writable, get_writer
 
@@ -132,6 +132,15 @@ def plan_overlays(jobs: list[Job], overlay: Path | None) -> list[Path | None]:
     return paths
 
 
+def interrupted_line(name: str, output: Path, overlay: Path | None, kept: list[Path]) -> str:
+    """What Ctrl-C stopped and what it left: the current outputs are never half-written."""
+    lost = f"{output} and {overlay} not written" if overlay else f"{output} not written"
+    if not kept:
+        return f"detect stopped while processing {name}; {lost}"
+    shown = ", ".join(map(str, kept[:3])) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+    return f"detect stopped while processing {name}; {lost}; kept the finished {shown}"
+
+
 def run_detect(
     inputs: list[str],
     output: Path | None = None,
@@ -163,8 +172,12 @@ def run_detect(
     overlays = plan_overlays(jobs, overlay)
     for note in notes:
         console.print(f"aucli: note: {note}")
-    detector = Detector(**options)
+    try:
+        detector = Detector(**options)
+    except KeyboardInterrupt:
+        raise Interrupted("detect stopped while loading the model; nothing was written") from None
     writer = get_writer(format)
+    kept: list[Path] = []
     for job, drawn in zip(jobs, overlays):
         name = str(job.source)
         # A bar only on a terminal: redirected to a log it would be noise.
@@ -177,6 +190,10 @@ def run_detect(
             start = time.perf_counter()
             writer.write(table, job.output)
             written = time.perf_counter() - start
+        except KeyboardInterrupt:
+            if bar:
+                bar.stop()
+            raise Interrupted(interrupted_line(name, job.output, drawn, kept)) from None
         except (AucliError, OSError, RuntimeError, ValueError) as error:
             if bar:
                 bar.stop()
@@ -186,6 +203,7 @@ def run_detect(
                 raise AucliError(failures[-1]) from None
             console.print(f"aucli: error: {failures[-1]}")
             continue
+        kept += [job.output] + ([drawn] if drawn else [])
         for warning in table.attrs.get("warnings", []):
             console.print(f"aucli: warning: {warning}")
         if not quiet:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .errors import AucliError, UsageError
+from .errors import AucliError, Interrupted, UsageError
 
 
 @dataclass
@@ -185,8 +185,32 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
     """Train MDHR on one fold; returns the run folder, the best epoch and its metrics.
 
     ``stop_after`` ends the process after that many epochs, as if it were killed (for
-    testing resume); ``resume`` continues a run from its ``last.pt``.
+    testing resume); ``resume`` continues a run from its ``last.pt``. Ctrl-C raises
+    ``Interrupted``, saying which epoch was running and what ``last.pt`` holds.
     """
+    where: dict[str, Any] = {}  # how far the run got, for that message
+    try:
+        return _train(cfg, where, resume=resume, stop_after=stop_after, quiet=quiet)
+    except KeyboardInterrupt:
+        if "display" in where:
+            where["display"].close()
+        raise Interrupted(interrupted_line(where)) from None
+
+
+def interrupted_line(where: dict[str, Any]) -> str:
+    """One line: what Ctrl-C stopped, and whether and how the run can continue."""
+    run_dir = where.get("run_dir")
+    if run_dir is None:
+        return "training stopped before its run folder was made; nothing was written"
+    doing, saved = where.get("doing", "before the first epoch"), where.get("saved", 0)
+    if saved:
+        last = Path(run_dir) / "last.pt"
+        return f"training stopped {doing}; {last} holds epoch {saved}; continue with: aucli train --resume {last}"
+    return f"training stopped {doing}; no epoch finished, so {run_dir} holds nothing to resume"
+
+
+def _train(cfg: TrainConfig, where: dict[str, Any], *, resume: str | Path | None, stop_after: int | None,
+           quiet: bool) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader
 
@@ -294,6 +318,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
               "selection": "test fold" if cfg.select_on_test else "held-out training subjects",
               "val_subjects": val_subjects}
     display = TrainDisplay(cfg.epochs, iters_per_epoch, enabled=is_main and not quiet)
+    where.update(run_dir=run_dir, saved=start_epoch, display=display)
 
     def evaluate(split, thresholds) -> tuple[dict, list[float]]:
         if world_size > 1:  # BN running statistics drift apart per process; evaluate rank 0's, as saved
@@ -322,6 +347,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
         model.train()
         t0, totals, frames = time.time(), torch.zeros(3, dtype=torch.float64), 0
         display.start_epoch(epoch)
+        where["doing"] = f"in epoch {epoch + 1} of {cfg.epochs}"
         for step, batch in enumerate(loader):
             lr = lr_at(epoch * iters_per_epoch + step, iters_per_epoch, cfg)
             for group in optimizer.param_groups:
@@ -362,6 +388,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
                 fh.write(json.dumps(record) + "\n")
         save(run_dir / "last.pt", done, {"val": record.get("val"), "loss": record["loss"]}, best["thresholds"],
              resumable=True)
+        where["saved"] = done
         display.end_epoch(record)
         if stop_after is not None and done - start_epoch >= stop_after and done < cfg.epochs:
             display.close()
@@ -370,6 +397,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
             return {"run_dir": str(run_dir), "stopped_at": done, "best": best}
 
     # 7. Test the selected epoch on the test fold (with --select-on-test, that is what selected it).
+    where["doing"] = "while testing the selected epoch"
     display.close()
     raw_model.load_state_dict(best_state)
     if cfg.select_on_test:

@@ -186,6 +186,25 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(small_data, tm
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_ctrl_c_during_training_says_how_to_continue(small_data, tmp_path):
+    import re
+
+    from test_interrupt import interrupt_when
+
+    run = tmp_path / "run"
+    done = interrupt_when(
+        [sys.executable, "-m", "aucli", "train", "--dataset", "synthetic", "--data-root", str(small_data),
+         "--backbone", "resnet_tiny", "--feature-dim", "64", "--k", "2", "--clip-length", "8", "--batch-size", "2",
+         "--epochs", "3", "--workers", "1", "--project", str(tmp_path), "--name", "run", "--quiet"],
+        ready=lambda: (run / "last.pt").exists())  # a data-loading process gets the SIGINT too
+    assert done.returncode == 130
+    last = run / "last.pt"
+    pattern = (r"aucli: interrupted: training stopped (in epoch \d of 3|while testing the selected epoch); "
+               + re.escape(str(last)) + r" holds epoch \d; continue with: aucli train --resume "
+               + re.escape(str(last)) + "\n")
+    assert re.fullmatch(pattern, done.stderr), done.stderr
+
+
 def test_model_start_does_not_depend_on_randomness_used_by_data_preparation(small_data, tmp_path, monkeypatch):
     # Preparing data may draw from the global generators (generating the synthetic set builds
     # MTCNN, for one) or not (the data is cached): the run must come out the same either way.
