@@ -103,23 +103,6 @@ def test_training_learns_and_eval_reproduces_it(learn_data, tmp_path):
     assert abs(windows.metrics.mean_f1 - again["mean_f1"]) < 25
 
 
-def test_resume_after_interruption_matches_uninterrupted(small_data, tmp_path):
-    cfg = TrainConfig(**TINY, data_root=str(small_data), batch_size=2, epochs=3, lr=2e-3, val_interval=2,
-                      project=str(tmp_path), name="run")
-    whole = train(cfg, quiet=True)
-    cut = train(cfg, stop_after=1, quiet=True)
-    assert cut["stopped_at"] == 1 and Path(cut["run_dir"]).name == "run-2"  # never overwrites a run
-    resumed = train(TrainConfig(), resume=Path(cut["run_dir"]) / "last.pt", quiet=True)
-    assert resumed["run_dir"] == cut["run_dir"]
-    assert resumed["test"] == whole["test"] and resumed["val"] == whole["val"]
-    drop = ("seconds", "frames_per_s")
-    logs = [[{k: v for k, v in json.loads(line).items() if k not in drop}
-             for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()] for r in (whole, resumed)]
-    assert logs[0] == logs[1]
-    a, b = (load_checkpoint(Path(r["run_dir"]) / "last.pt").state_dict for r in (whole, resumed))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 def _log(run: Path) -> list[dict]:
     """metrics.jsonl without the timings, which differ between any two runs."""
     return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "frames_per_s")}
@@ -168,11 +151,11 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(small_data, tm
             "--feature-dim", "64", "--k", "2", "--clip-length", "8", "--batch-size", "1", "--epochs", "2",
             "--lr", "2e-3", "--val-interval", "1", "--workers", "0", "--project", str(tmp_path)]
     two = {"OMP_NUM_THREADS": "2"}
-    done = _aucli(*args, "--name", "whole", "--quiet", env=two)
+    done = _aucli(*args, "--name", "run", "--quiet", env=two)
     assert done.returncode == 0, done.stderr[-3000:]
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole, cut = tmp_path / "run", tmp_path / "run-2"  # the same name again: a new folder, never overwritten
 
-    killed = _kill_mid_epoch([sys.executable, "-m", "aucli", *args, "--name", "cut"], two, epoch="2/2")
+    killed = _kill_mid_epoch([sys.executable, "-m", "aucli", *args, "--name", "run"], two, epoch="2/2")
     assert killed.returncode == -signal.SIGKILL
     assert load_checkpoint(cut / "last.pt").extra["epoch"] == 1 and len(_log(cut)) == 1
 
