@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 def detect(path: str, checkpoint: str | None = None, **options: Any) -> "pandas.DataFrame":
     """AU table of one video as a DataFrame (one row per frame; metadata in ``.attrs``).
 
-    Options as the command line: device, batch_size, faces, threshold, fps, ...
+    Options as the command line: device, batch_size, faces, threshold, fps, overlay (a path:
+    also write the annotated video), ...
     (see ``aucli.pipeline.detect``).
     """
     from .pipeline import detect as _detect

@@ -178,6 +178,28 @@ def write_atomic(path: str | Path, payload: dict[str, Any]) -> None:
         raise
 
 
+def load_tensors(path: str | Path) -> Any:
+    """``torch.load`` that runs no pickled code (``weights_only``) and prints nothing.
+
+    On a legacy (non-zip) file pickled with protocol 3 or higher, torch warns that its
+    safe unpickler expects protocol 2 before refusing or reading it; aucli reports its
+    own one-line reason instead. Raises whatever torch raises.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def unreadable_reason(error: Exception) -> str:
+    """Why ``load_tensors`` failed, in a few words (torch's own message runs to many lines)."""
+    text = str(error)
+    if "weights_only" in text or "Unsupported global" in text:
+        return "it holds pickled objects, which aucli refuses to load"
+    return "not a PyTorch file, or a damaged one"
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read and check a checkpoint without running any pickled code."""
     path = Path(path)
@@ -187,14 +209,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if path.stat().st_size == 0:
         raise AucliError(f"{where}: not an aucli checkpoint (the file is empty)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_tensors(path)
     except Exception as exc:
-        text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text:
-            reason = "it holds pickled objects, which aucli refuses to load"
-        else:
-            reason = "not a PyTorch file, or a damaged one"
-        raise AucliError(f"{where}: not a readable aucli checkpoint ({reason})") from None
+        raise AucliError(f"{where}: not a readable aucli checkpoint ({unreadable_reason(exc)})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         hint = ""
         if isinstance(obj, dict) and ("state_dict" in obj or any(str(k).startswith(("module.", "MFD.")) for k in obj)):

@@ -114,9 +114,11 @@ def main() -> None:
     try:
         # Without standalone mode click returns (rather than raises) a command's exit code.
         status = app(standalone_mode=False)
+        if status == 130:  # typer turns a Ctrl-C the command did not handle into a silent 130
+            typer.echo("aucli: interrupted", err=True)
         sys.exit(status if isinstance(status, int) else 0)
     except AucliError as exc:
-        typer.echo(f"aucli: error: {exc}", err=True)
+        typer.echo(f"aucli: {exc.label}: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("aucli: interrupted", err=True)
@@ -127,9 +129,8 @@ def main() -> None:
         typer.echo("aucli: aborted", err=True)
         sys.exit(1)
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
+        # Recognised by shape: typer may bring its own copy of click, whose classes differ.
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         raise
@@ -173,18 +174,37 @@ def detect(
         None, "--threshold", min=0.0, max=1.0, help="Decision threshold for every AU, instead of the checkpoint's."
     ),
     fps: float = typer.Option(30.0, "--fps", min=0.001, help="Frame rate of image sequences."),
+    overlay: Optional[Path] = typer.Option(
+        None, "--overlay", help="Also write the video with each face's box, landmarks, id and AU bars "
+        "(.mp4, .mov or .mkv; a folder with several inputs). The AU results do not change.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Find Action Units in videos: one row per frame (per face with --faces all)."""
     from .detect_cli import run_detect
 
     status = run_detect(
-        inputs, output, format.value if format else None, quiet,
+        inputs, output, format.value if format else None, quiet, overlay,
         checkpoint=checkpoint, device=device, batch_size=batch_size, faces=faces.value,
         threshold=threshold, fps=fps,
     )
     # SystemExit, not typer.Exit: in non-standalone mode click returns Exit's code instead of exiting.
     raise SystemExit(status)
+
+
+@app.command("plot")
+def plot_command(
+    table: Path = typer.Argument(..., help="A table written by aucli detect (.csv or .json)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Image file; .png, .svg or .pdf picks the format. Default: TABLE with .png."),
+    face_id: Optional[int] = typer.Option(
+        None, "--face-id", help="Draw only this face of a --faces all table (default: one figure per face)."),
+) -> None:
+    """Draw each AU's probability over time, its active spans and the gaps without a face."""
+    from .plot import plot_table
+
+    for path in plot_table(table, output, face_id):
+        typer.echo(f"wrote {path}", err=True)
 
 
 # ----- training, evaluation and dataset preparation (aucli.train, aucli.evaluate, aucli.data) -----
@@ -215,7 +235,7 @@ def train_command(
         "synthetic: where to generate, default a cache folder)."),
     backbone: str = typer.Option("resnet50", "--backbone", "-b",
                                  help="resnet50, swin_base, or for experiments resnet18, swin_tiny, resnet_tiny."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="Start from timm's ImageNet weights (needs network)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Start from timm's ImageNet weights (downloaded unless cached)."),
     backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="Start the backbone from this file."),
     drop_path_rate: Optional[float] = typer.Option(None, "--drop-path-rate", help="Swin drop-path (default 0.5 for swin_base)."),
     feature_dim: int = typer.Option(512, "--feature-dim", help="Common feature width d."),

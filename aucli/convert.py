@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .aus import AU_SETS, get_au_set
-from .checkpoint import CheckpointMetadata, file_sha256, save_checkpoint
+from .checkpoint import CheckpointMetadata, file_sha256, load_tensors, save_checkpoint, unreadable_reason
 from .errors import AucliError, UsageError
 from .model import MDHR
 from .model.reference import convert_reference_state, unwrap_state_dict
@@ -60,10 +60,9 @@ def convert_official_checkpoint(
     if output.suffix != ".pt":
         raise UsageError(f"{output}: aucli checkpoints end in .pt")
     try:
-        obj = torch.load(source, map_location="cpu", weights_only=True)
+        obj = load_tensors(source)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AucliError(f"{source}: not a readable PyTorch checkpoint ({first[:160]})") from None
+        raise AucliError(f"{source}: not a readable PyTorch checkpoint ({unreadable_reason(exc)})") from None
     try:
         model = model_from_reference_state(obj, dataset, backbone, k)
     except AucliError as exc:

@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .errors import AucliError, UsageError
+from .errors import AucliError, Interrupted, UsageError
 from .video import VideoInfo, expand_input
 from .writers import WRITERS, check_writable, get_writer
 
@@ -96,7 +96,7 @@ class _Bar:
         self._progress.stop()
 
 
-def summary_line(name: str, table: Any, write_seconds: float, output: Path) -> str:
+def summary_line(name: str, table: Any, write_seconds: float, output: Path, overlay: Path | None = None) -> str:
     summary = table.attrs["summary"]
     frames = summary["frames"]
     share = summary["frames_with_face"] / frames if frames else 0.0
@@ -105,8 +105,40 @@ def summary_line(name: str, table: Any, write_seconds: float, output: Path) -> s
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
     return (
         f"{name}: {frames} frames, {share:.0%} with a face, {frames / max(total, 1e-9):.1f} frames/s "
-        f"({timing}) -> {output}"
+        f"({timing}) -> {output}" + (f", {overlay}" if overlay else "")
     )
+
+
+def plan_overlays(jobs: list[Job], overlay: Path | None) -> list[Path | None]:
+    """Where each input's annotated video goes: ``overlay`` itself for one input,
+    ``<overlay>/<table stem>.mp4`` for several (the folder is created)."""
+    from .overlay import CONTAINERS, check_overlay_path
+
+    if overlay is None:
+        return [None] * len(jobs)
+    if len(jobs) == 1 and not overlay.is_dir():
+        paths = [check_overlay_path(overlay)]
+    elif overlay.suffix.lower() in CONTAINERS:
+        raise UsageError(f"--overlay {overlay}: with {len(jobs)} inputs, --overlay must be a folder")
+    else:
+        try:
+            overlay.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise AucliError(f"--overlay {overlay}: cannot create folder ({error.strerror})") from None
+        paths = [overlay / f"{job.output.stem}.mp4" for job in jobs]
+    for job, path in zip(jobs, paths):
+        if path.resolve() == job.source.resolve():
+            raise UsageError(f"--overlay {path}: would replace the input video")
+    return paths
+
+
+def interrupted_line(name: str, output: Path, overlay: Path | None, kept: list[Path]) -> str:
+    """What Ctrl-C stopped and what it left: the current outputs are never half-written."""
+    lost = f"{output} and {overlay} not written" if overlay else f"{output} not written"
+    if not kept:
+        return f"detect stopped while processing {name}; {lost}"
+    shown = ", ".join(map(str, kept[:3])) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+    return f"detect stopped while processing {name}; {lost}; kept the finished {shown}"
 
 
 def run_detect(
@@ -114,6 +146,7 @@ def run_detect(
     output: Path | None = None,
     format: str | None = None,
     quiet: bool = False,
+    overlay: Path | None = None,
     **options: Any,
 ) -> int:
     """Run detection on every input; returns the exit status (0, or 1 if any failed)."""
@@ -137,24 +170,33 @@ def run_detect(
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise AucliError(f"-o {folder}: cannot create folder ({error.strerror})") from None
+    overlays = plan_overlays(jobs, overlay)
     for note in notes:
         console.print(f"aucli: note: {note}")
-    detector = Detector(**options)
+    try:
+        detector = Detector(**options)
+    except KeyboardInterrupt:
+        raise Interrupted("detect stopped while loading the model; nothing was written") from None
     if not quiet:
         console.print(f"aucli: model {detector.checkpoint}: {describe(detector.model.metadata)}")
     writer = get_writer(format)
-    for job in jobs:
+    kept: list[Path] = []
+    for job, drawn in zip(jobs, overlays):
         name = str(job.source)
         # A bar only on a terminal: redirected to a log it would be noise.
         bar = _Bar(console, job.source.name) if console.is_terminal and not quiet else None
         try:
             check_writable(job.output, name)
-            table = detector.run(job.source, bar)
+            table = detector.run(job.source, bar, overlay=drawn)
             if bar:
                 bar.stop()
             start = time.perf_counter()
             writer.write(table, job.output)
             written = time.perf_counter() - start
+        except KeyboardInterrupt:
+            if bar:
+                bar.stop()
+            raise Interrupted(interrupted_line(name, job.output, drawn, kept)) from None
         except (AucliError, OSError, RuntimeError, ValueError) as error:
             if bar:
                 bar.stop()
@@ -164,10 +206,11 @@ def run_detect(
                 raise AucliError(failures[-1]) from None
             console.print(f"aucli: error: {failures[-1]}")
             continue
+        kept += [job.output] + ([drawn] if drawn else [])
         for warning in table.attrs.get("warnings", []):
             console.print(f"aucli: warning: {warning}")
         if not quiet:
-            console.print(summary_line(name, table, written, job.output))
+            console.print(summary_line(name, table, written, job.output, drawn))
     if failures:
         total = len(jobs) + missing_inputs
         console.print(f"aucli: {len(failures)} of {total} input(s) failed:")

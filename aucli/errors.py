@@ -9,9 +9,18 @@ class AucliError(Exception):
     """
 
     exit_code = 1
+    label = "error"  # the word after "aucli: " on the message line
 
 
 class UsageError(AucliError):
     """Wrong or missing options, or a missing checkpoint: exit status 2."""
 
     exit_code = 2
+
+
+class Interrupted(AucliError):
+    """Ctrl-C: the message says what was interrupted and what was kept. Exit status
+    130, as shells report a process ended by SIGINT."""
+
+    exit_code = 130
+    label = "interrupted"

@@ -60,7 +60,11 @@ class FaceDetector:
 
         self.device = torch.device(device)
         self.min_confidence = min_confidence
-        self._mtcnn = MTCNN(keep_all=True, min_face_size=min_face_size, device=self.device)
+        # MTCNN's layers draw random initial weights before its own are loaded; keep that
+        # off the caller's generator, so that detecting faces never changes what a seeded
+        # run (training on freshly generated synthetic data, a notebook) draws next.
+        with torch.random.fork_rng(devices=[]):
+            self._mtcnn = MTCNN(keep_all=True, min_face_size=min_face_size, device=self.device)
 
     @torch.inference_mode()
     def detect(self, images: list[np.ndarray]) -> list[list[FaceDetection]]:

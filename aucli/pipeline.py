@@ -13,7 +13,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Hashable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +26,7 @@ from . import __version__
 from .checkpoint import STARTER
 from .errors import UsageError
 from .faces import FaceDetector, FaceTracker, TrackedFace, align_face, face_to_tensor, smooth_landmarks
+from .overlay import FaceMarks, OverlayWriter, check_overlay_path
 from .video import DEFAULT_FPS, Frame, VideoInfo, open_video
 from .windows import WindowPredictor
 
@@ -111,6 +112,7 @@ class _Record:
     timestamp: float
     faces: list[TrackedFace]
     probs: list[np.ndarray | None] = field(default_factory=list)
+    image: np.ndarray | None = None  # kept only for --overlay, until the row is final
 
     @property
     def complete(self) -> bool:
@@ -213,8 +215,16 @@ class Detector:
         meta = self.model.metadata
         return face_to_tensor(faces, meta.input_size, tuple(meta.mean), tuple(meta.std))
 
-    def run(self, path: str | Path, progress: Progress | None = None) -> pd.DataFrame:
-        """One video (or image folder) -> the per-frame table, metadata in ``.attrs``."""
+    def run(
+        self, path: str | Path, progress: Progress | None = None, overlay: str | Path | None = None
+    ) -> pd.DataFrame:
+        """One video (or image folder) -> the per-frame table, metadata in ``.attrs``.
+
+        ``overlay``: also write the annotated video there (aucli/overlay.py), fed
+        with each frame as its row becomes final; the table is the same either way.
+        """
+        if overlay is not None:
+            check_overlay_path(overlay)
         timer = StageTimer()
         started = time.perf_counter()
         reader = open_video(path, self.fps)
@@ -239,16 +249,25 @@ class Detector:
                 for (index, j), probs in predictor.pop_results():
                     records[index].probs[j] = probs
             while order and records[order[0]].complete:
-                rows.extend(self._rows(records.pop(order.popleft())))
+                record = records.pop(order.popleft())
+                rows.extend(self._rows(record))
+                if drawer is not None:
+                    with timer("overlay"):
+                        drawer.add(record.image, record.timestamp, self._marks(record))
 
-        with reader:
+        with ExitStack() as stack:
+            stack.enter_context(reader)
+            drawer = None
+            if overlay is not None:
+                drawer = stack.enter_context(OverlayWriter(overlay, reader.info, self.labels, self.thresholds))
             for chunk in _batches(reader, DETECTION_BATCH, timer):
                 with timer("faces"):
                     detections = self.face_detector.detect([f.image for f in chunk])
                 for frame, found in zip(chunk, detections):
                     with timer("faces"):
                         tracked = tracker.update(found)
-                        records[frame.index] = _Record(frame.index, frame.timestamp, tracked, [None] * len(tracked))
+                        records[frame.index] = _Record(frame.index, frame.timestamp, tracked, [None] * len(tracked),
+                                                       frame.image if drawer is not None else None)
                         order.append(frame.index)
                         now = {t.segment for t in tracked}
                         ended = active - now
@@ -287,6 +306,13 @@ class Detector:
                  x1, y1, x2 - x1, y2 - y1, *decisions, *probs.astype(np.float64).tolist()]
             )
         return rows
+
+    def _marks(self, record: _Record) -> list[FaceMarks]:
+        """What the overlay draws: the same boxes, probabilities and decisions as the rows."""
+        return [
+            FaceMarks(face.face_id, face.detection.box, face.detection.landmarks, probs, probs >= self.thresholds)
+            for face, probs in zip(record.faces, record.probs)
+        ]
 
     def _table(self, rows: list[list]) -> pd.DataFrame:
         columns = table_columns(self.labels)
@@ -350,6 +376,7 @@ def detect(
     checkpoint: str | Path | None = None,
     *,
     progress: Progress | None = None,
+    overlay: str | Path | None = None,
     **options: Any,
 ) -> pd.DataFrame:
     """AU table of one video: one row per decoded frame (per face with ``faces="all"``).
@@ -357,6 +384,7 @@ def detect(
     Options: device ("auto"), batch_size (16), faces ("largest" | "all"),
     threshold (None: the checkpoint's per-AU thresholds), fps (for image
     folders, 30), smoothing (landmark smoothing radius, 2; 0 turns it off),
-    min_face_size (40), min_confidence (0.9). Metadata is in ``.attrs``.
+    min_face_size (40), min_confidence (0.9). ``overlay``: also write the
+    annotated video (.mp4, .mov, .mkv) there. Metadata is in ``.attrs``.
     """
-    return Detector(checkpoint, **options).run(path, progress)
+    return Detector(checkpoint, **options).run(path, progress, overlay=overlay)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .errors import AucliError, UsageError
+from .errors import AucliError, Interrupted, UsageError
 
 
 @dataclass
@@ -167,6 +167,14 @@ def resolve_data_root(cfg: TrainConfig, is_main: bool) -> str:
     return str(ensure_synthetic(cfg.data_root) if not is_main else root)
 
 
+def _logged_epoch(line: str) -> float:
+    """The epoch of a metrics.jsonl line; a line cut short by a kill counts as after every epoch."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def run_name(cfg: TrainConfig) -> str:
     return cfg.name or f"{cfg.dataset}_fold{cfg.fold}_{cfg.backbone}"
 
@@ -179,8 +187,32 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
     """Train MDHR on one fold; returns the run folder, the best epoch and its metrics.
 
     ``stop_after`` ends the process after that many epochs, as if it were killed (for
-    testing resume); ``resume`` continues a run from its ``last.pt``.
+    testing resume); ``resume`` continues a run from its ``last.pt``. Ctrl-C raises
+    ``Interrupted``, saying which epoch was running and what ``last.pt`` holds.
     """
+    where: dict[str, Any] = {}  # how far the run got, for that message
+    try:
+        return _train(cfg, where, resume=resume, stop_after=stop_after, quiet=quiet)
+    except KeyboardInterrupt:
+        if "display" in where:
+            where["display"].close()
+        raise Interrupted(interrupted_line(where)) from None
+
+
+def interrupted_line(where: dict[str, Any]) -> str:
+    """One line: what Ctrl-C stopped, and whether and how the run can continue."""
+    run_dir = where.get("run_dir")
+    if run_dir is None:
+        return "training stopped before its run folder was made; nothing was written"
+    doing, saved = where.get("doing", "before the first epoch"), where.get("saved", 0)
+    if saved:
+        last = Path(run_dir) / "last.pt"
+        return f"training stopped {doing}; {last} holds epoch {saved}; continue with: aucli train --resume {last}"
+    return f"training stopped {doing}; no epoch finished, so {run_dir} holds nothing to resume"
+
+
+def _train(cfg: TrainConfig, where: dict[str, Any], *, resume: str | Path | None, stop_after: int | None,
+           quiet: bool) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader
 
@@ -218,7 +250,6 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
     else:
         amp_dtype = torch.bfloat16 if cfg.cpu_amp else None
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # as the reference
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
 
     # 3. Data: training subjects minus a held-out validation set, unless selecting on test (spec §6.5).
     data_root = resolve_data_root(cfg, is_main)
@@ -245,6 +276,11 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
     iters_per_epoch = len(loader)
 
     # 4. Model and optimiser: AdamW over all parameters in one group (spec §6.1).
+    # Seeded here, just before the model draws its initial weights, and not at the start: preparing
+    # the data may draw from the global generators too (generating the synthetic set builds MTCNN,
+    # whose layers initialise randomly before loading their weights), and whether it does depends
+    # on what is already cached, so a run that generated the data would start from other weights.
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     raw_model = MDHR(au_set, backbone=cfg.backbone, k=cfg.k, feature_dim=cfg.feature_dim,
                      pretrained=cfg.pretrained and ckpt is None, backbone_weights=None if ckpt else cfg.backbone_weights,
                      drop_path_rate=cfg.drop_path_rate).to(device)
@@ -264,11 +300,15 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
         optimizer.load_state_dict(ckpt.extra["optimizer"])
         start_epoch, best = ckpt.extra["epoch"], ckpt.extra["best"]
         set_rng_state(ckpt.extra["rng"][rank] if rank < len(ckpt.extra["rng"]) else ckpt.extra["rng"][0])
+        if not use_cuda and ckpt.extra.get("threads"):
+            # CPU kernels split their sums by thread, so the count changes the last bits of every
+            # step: continue with the count the run was started with, to end where it would have.
+            torch.set_num_threads(ckpt.extra["threads"])
         if (run_dir / "best.pt").is_file():
             best_state = load_checkpoint(run_dir / "best.pt").state_dict
         log = run_dir / "metrics.jsonl"
         if is_main and log.is_file():  # drop epochs logged after the checkpoint we resume from
-            kept = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= start_epoch]
+            kept = [line for line in log.read_text().splitlines() if _logged_epoch(line) <= start_epoch]
             log.write_text("".join(line + "\n" for line in kept))
     else:
         holder = [str(new_run_dir(cfg.project, run_name(cfg))) if is_main else None]
@@ -278,11 +318,13 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
         if is_main:
             (run_dir / "config.json").write_text(json.dumps(
                 {**asdict(cfg), "data_root": data_root, "world_size": world_size,
-                 "val_subjects": val_subjects, "iters_per_epoch": iters_per_epoch}, indent=2) + "\n")
+                 "val_subjects": val_subjects, "iters_per_epoch": iters_per_epoch,
+                 "threads": torch.get_num_threads()}, indent=2) + "\n")
     source = {"kind": "trained", "dataset": cfg.dataset, "fold": cfg.fold, "data_root": str(Path(data_root).resolve()),
               "selection": "test fold" if cfg.select_on_test else "held-out training subjects",
               "val_subjects": val_subjects}
     display = TrainDisplay(cfg.epochs, iters_per_epoch, enabled=is_main and not quiet)
+    where.update(run_dir=run_dir, saved=start_epoch, display=display)
 
     def evaluate(split, thresholds) -> tuple[dict, list[float]]:
         if world_size > 1:  # BN running statistics drift apart per process; evaluate rank 0's, as saved
@@ -300,7 +342,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
             states = [rng_state()] if world_size == 1 else [None] * world_size
             if world_size > 1:
                 dist.all_gather_object(states, rng_state())
-            extra.update(optimizer=optimizer.state_dict(), best=best, rng=states)
+            extra.update(optimizer=optimizer.state_dict(), best=best, rng=states, threads=torch.get_num_threads())
         if is_main:
             save_checkpoint(path, raw_model, clip_length=cfg.clip_length, thresholds=thresholds,
                             source={**source, "epoch": epoch, "metrics": metrics}, extra=extra)
@@ -311,6 +353,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
         model.train()
         t0, totals, frames = time.time(), torch.zeros(3, dtype=torch.float64), 0
         display.start_epoch(epoch)
+        where["doing"] = f"in epoch {epoch + 1} of {cfg.epochs}"
         for step, batch in enumerate(loader):
             lr = lr_at(epoch * iters_per_epoch + step, iters_per_epoch, cfg)
             for group in optimizer.param_groups:
@@ -351,6 +394,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
                 fh.write(json.dumps(record) + "\n")
         save(run_dir / "last.pt", done, {"val": record.get("val"), "loss": record["loss"]}, best["thresholds"],
              resumable=True)
+        where["saved"] = done
         display.end_epoch(record)
         if stop_after is not None and done - start_epoch >= stop_after and done < cfg.epochs:
             display.close()
@@ -359,6 +403,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, stop_after: int
             return {"run_dir": str(run_dir), "stopped_at": done, "best": best}
 
     # 7. Test the selected epoch on the test fold (with --select-on-test, that is what selected it).
+    where["doing"] = "while testing the selected epoch"
     display.close()
     raw_model.load_state_dict(best_state)
     if cfg.select_on_test:
@@ -398,7 +443,8 @@ class TrainDisplay:
         if self.task is None:
             self.progress.start()
             self.task = self.progress.add_task("train", total=self.iters, epoch=epoch + 1, loss=0.0, lr=0.0, fps=0.0)
-        self.progress.reset(self.task, total=self.iters, epoch=epoch + 1)
+        # reset() replaces every field it is given fields for, so give it all of them.
+        self.progress.reset(self.task, total=self.iters, epoch=epoch + 1, loss=0.0, lr=0.0, fps=0.0)
         self.t0 = time.time()
 
     def step(self, step: int, loss: float, lr: float, frames: int) -> None:

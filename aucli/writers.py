@@ -11,6 +11,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,17 +31,9 @@ class ResultWriter:
 
     def write(self, table: pd.DataFrame, path: str | Path) -> Path:
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        with atomic_output(path) as tmp:
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
                 self.write_to(table, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     def write_to(self, table: pd.DataFrame, file: IO[str]) -> None:
@@ -97,6 +91,29 @@ def read_table(path: str | Path) -> pd.DataFrame:
     else:
         table = pd.read_csv(path)
     return _typed(table)
+
+
+@contextmanager
+def atomic_output(path: str | Path, suffix: str = ".part") -> Iterator[Path]:
+    """A temporary file next to ``path``, renamed onto it when the block succeeds.
+
+    Whatever stops the block (an error, Ctrl-C) removes the temporary file, so a
+    reader never finds a truncated output under the final name. ``suffix`` lets
+    writers that pick their format by extension (PyAV) see the real one.
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def check_writable(path: str | Path, source: str) -> None:

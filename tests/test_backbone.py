@@ -68,3 +68,45 @@ def test_pretrained_without_network_says_so(monkeypatch):
 def test_unknown_backbone():
     with pytest.raises(AucliError, match="unknown backbone"):
         Backbone("vgg16")
+
+
+@pytest.fixture()
+def offline_hub(tmp_path, monkeypatch):
+    """A Hugging Face hub address nothing listens on, and an empty local cache."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port that was just free: connecting is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    return tmp_path / "hub"
+
+
+def test_pretrained_offline_fails_within_seconds(offline_hub):
+    # The hub client retried for about 50 s before giving up.
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(AucliError, match=r"resnet18\.tv_in1k.*cannot reach 127\.0\.0\.1.*--backbone-weights FILE"):
+        Backbone("resnet18", pretrained=True)
+    assert time.monotonic() - start < 10
+
+
+def test_pretrained_weights_are_read_from_the_local_cache_offline(offline_hub):
+    from safetensors.torch import save_file
+
+    source = timm.create_model("resnet18", pretrained=False)  # with its ImageNet classifier, as published
+    snapshot = offline_hub / "models--timm--resnet18.tv_in1k" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    save_file(source.state_dict(), str(snapshot / "model.safetensors"))
+    (offline_hub / "models--timm--resnet18.tv_in1k" / "refs").mkdir()
+    (offline_hub / "models--timm--resnet18.tv_in1k" / "refs" / "main").write_text("0123abcd")
+    backbone = Backbone("resnet18", pretrained=True)
+    for key, value in backbone.model.state_dict().items():
+        torch.testing.assert_close(value, source.state_dict()[key])

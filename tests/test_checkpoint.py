@@ -115,3 +115,24 @@ def test_inconsistent_checkpoints_fail_with_one_line(tiny, mutate, message):
     with pytest.raises(AucliError, match=message) as info:
         aucli.load_model(str(path))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("command", ["detect", "convert-official"])
+def test_pickled_checkpoint_is_refused_with_aucli_line_only(tmp_path, command):
+    # A legacy pickle with protocol 4 made torch warn (two lines) before aucli's message.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"format": "aucli-checkpoint", "trap": _Trap()}, fh, protocol=4)
+    video = Path(__file__).resolve().parents[1] / "sample_videos" / "videos" / "single_face.mp4"
+    args = {"detect": ["detect", str(video), "--checkpoint", str(path), "-o", str(tmp_path / "out.csv")],
+            "convert-official": ["convert-official", str(path), "-d", "bp4d", "-o", str(tmp_path / "out.pt")]}
+    done = subprocess.run([sys.executable, "-m", "aucli", *args[command]], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 1
+    assert done.stderr.endswith("it holds pickled objects, which aucli refuses to load)\n")
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "out.pt").exists()

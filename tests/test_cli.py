@@ -57,3 +57,10 @@ def test_existing_output_is_not_overwritten(tmp_path):
 def test_version():
     out = _run("--version")
     assert out.returncode == 0 and out.stdout.startswith("aucli ")
+
+
+def test_unknown_option_is_a_usage_error_without_traceback():
+    # typer may vendor its own click, whose exceptions are not click's own classes.
+    out = _run("detect", "--no-such-option")
+    assert out.returncode == 2
+    assert "No such option" in out.stderr and "Traceback" not in out.stderr

@@ -172,3 +172,14 @@ def test_largest_mode_follows_the_main_face():
     ]
     assert out[0][0].segment == out[1][0].segment != out[2][0].segment == out[3][0].segment
     assert tracker.update([]) == []
+
+
+def test_building_the_detector_leaves_the_global_generator_alone():
+    # MTCNN's layers initialise randomly before loading their weights; that must not shift
+    # what a seeded caller draws next (it made a training run that generated its synthetic
+    # data start from other weights than one that found the data cached).
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    FaceDetector("cpu")
+    assert torch.equal(torch.rand(3), expected)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,20 +103,111 @@ def test_training_learns_and_eval_reproduces_it(learn_data, tmp_path):
     assert abs(windows.metrics.mean_f1 - again["mean_f1"]) < 25
 
 
-def test_resume_after_interruption_matches_uninterrupted(small_data, tmp_path):
-    cfg = TrainConfig(**TINY, data_root=str(small_data), batch_size=2, epochs=3, lr=2e-3, val_interval=2,
+def _log(run: Path) -> list[dict]:
+    """metrics.jsonl without the timings, which differ between any two runs."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "frames_per_s")}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _kill_mid_epoch(command: list[str], env: dict, epoch: str) -> subprocess.Popen:
+    """Run ``command`` on a pseudo-terminal, where train shows its progress bar, and SIGKILL it
+    once the bar shows that some but not all steps of ``epoch`` ("2/2") are done."""
+    import pty
+    import re
+    import select
+
+    master, terminal = pty.openpty()
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env, "TERM": "xterm", "COLUMNS": "160"},
+                               stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    shown, progress = b"", re.compile(rb"epoch " + epoch.encode() + rb"\D*?(\d+)/(\d+)")
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.05)[0]:
+                try:
+                    shown += os.read(master, 1 << 16)
+                except OSError:  # the terminal closed: the process ended
+                    break
+            plain = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", shown[-4000:])
+            steps = [(int(a), int(b)) for a, b in progress.findall(plain)]
+            if any(0 < done < total for done, total in steps):
+                process.send_signal(signal.SIGKILL)
+                break
+            assert process.poll() is None, f"the run ended before it could be killed: {plain[-500:]!r}"
+    finally:
+        process.kill()
+        process.wait()
+        os.close(master)
+    return process
+
+
+def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(small_data, tmp_path):
+    # Real processes: the same command twice, the second killed with SIGKILL part-way through
+    # epoch 2, then continued with --resume. The resumed process starts with one CPU thread
+    # instead of two: it must take the run's own count back, since CPU kernels split sums by
+    # thread and the last bits of every step would differ.
+    args = ["train", "--dataset", "synthetic", "--data-root", str(small_data), "--backbone", "resnet_tiny",
+            "--feature-dim", "64", "--k", "2", "--clip-length", "8", "--batch-size", "1", "--epochs", "2",
+            "--lr", "2e-3", "--val-interval", "1", "--workers", "0", "--project", str(tmp_path)]
+    two = {"OMP_NUM_THREADS": "2"}
+    done = _aucli(*args, "--name", "run", "--quiet", env=two)
+    assert done.returncode == 0, done.stderr[-3000:]
+    whole, cut = tmp_path / "run", tmp_path / "run-2"  # the same name again: a new folder, never overwritten
+
+    killed = _kill_mid_epoch([sys.executable, "-m", "aucli", *args, "--name", "run"], two, epoch="2/2")
+    assert killed.returncode == -signal.SIGKILL
+    assert load_checkpoint(cut / "last.pt").extra["epoch"] == 1 and len(_log(cut)) == 1
+
+    done = _aucli("train", "--resume", str(cut / "last.pt"), "--quiet", env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _log(cut) == _log(whole) and len(_log(whole)) == 2
+    results = [json.loads((run / "results.json").read_text()) for run in (whole, cut)]
+    assert results[0]["test"] == results[1]["test"] and results[0]["best_epoch"] == results[1]["best_epoch"]
+    for name in ("last.pt", "best.pt"):
+        a, b = (load_checkpoint(run / name).state_dict for run in (whole, cut))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_ctrl_c_during_training_says_how_to_continue(small_data, tmp_path):
+    import re
+
+    from test_interrupt import interrupt_when
+
+    run = tmp_path / "run"
+    done = interrupt_when(
+        [sys.executable, "-m", "aucli", "train", "--dataset", "synthetic", "--data-root", str(small_data),
+         "--backbone", "resnet_tiny", "--feature-dim", "64", "--k", "2", "--clip-length", "8", "--batch-size", "2",
+         "--epochs", "3", "--workers", "1", "--project", str(tmp_path), "--name", "run", "--quiet"],
+        ready=lambda: (run / "last.pt").exists())  # a data-loading process gets the SIGINT too
+    assert done.returncode == 130
+    last = run / "last.pt"
+    pattern = (r"aucli: interrupted: training stopped (in epoch \d of 3|while testing the selected epoch); "
+               + re.escape(str(last)) + r" holds epoch \d; continue with: aucli train --resume "
+               + re.escape(str(last)) + "\n")
+    assert re.fullmatch(pattern, done.stderr), done.stderr
+
+
+def test_model_start_does_not_depend_on_randomness_used_by_data_preparation(small_data, tmp_path, monkeypatch):
+    # Preparing data may draw from the global generators (generating the synthetic set builds
+    # MTCNN, for one) or not (the data is cached): the run must come out the same either way.
+    import random
+
+    import aucli.train as training
+
+    cfg = TrainConfig(**TINY, data_root=str(small_data), batch_size=2, epochs=1, lr=2e-3,
                       project=str(tmp_path), name="run")
-    whole = train(cfg, quiet=True)
-    cut = train(cfg, stop_after=1, quiet=True)
-    assert cut["stopped_at"] == 1 and Path(cut["run_dir"]).name == "run-2"  # never overwrites a run
-    resumed = train(TrainConfig(), resume=Path(cut["run_dir"]) / "last.pt", quiet=True)
-    assert resumed["run_dir"] == cut["run_dir"]
-    assert resumed["test"] == whole["test"] and resumed["val"] == whole["val"]
-    drop = ("seconds", "frames_per_s")
-    logs = [[{k: v for k, v in json.loads(line).items() if k not in drop}
-             for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()] for r in (whole, resumed)]
-    assert logs[0] == logs[1]
-    a, b = (load_checkpoint(Path(r["run_dir"]) / "last.pt").state_dict for r in (whole, resumed))
+    plain = train(cfg, quiet=True)
+    prepare = training.resolve_data_root
+
+    def drawing(*args, **kwargs):
+        torch.rand(100), np.random.rand(100), random.random()
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(training, "resolve_data_root", drawing)
+    drawn = train(cfg, quiet=True)
+    assert drawn["val"] == plain["val"] and drawn["test"] == plain["test"]
+    a, b = (load_checkpoint(Path(r["run_dir"]) / "last.pt").state_dict for r in (plain, drawn))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

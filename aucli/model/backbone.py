@@ -7,6 +7,7 @@ Every backbone is a timm model. The rest of MDHR only sees
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,29 +116,35 @@ class Backbone(nn.Module):
 
     # ----- weights -------------------------------------------------------------------
     def load_pretrained(self, spec: BackboneSpec) -> None:
-        """Start from timm's ImageNet weights (needs a network or a filled timm cache)."""
+        """Start from timm's ImageNet weights: from the local Hugging Face cache when they are
+        there, else downloaded. Offline, fail in seconds rather than after the hub client's
+        retries (about a minute)."""
         if spec.pretrained_tag is None:
             raise AucliError(f"backbone {self.name!r} has no ImageNet weights to start from")
         tag = f"{spec.timm_name}.{spec.pretrained_tag}"
+        advice = "connect to the network, or pass --backbone-weights FILE with a local copy"
+        cached = _cached_weights(tag)
+        if cached is None and (problem := _hub_unreachable()):
+            raise AucliError(f"could not fetch ImageNet weights {tag!r}: {problem}; {advice}")
         try:
-            source = timm.create_model(tag, pretrained=True, num_classes=0)
+            overlay = {"file": cached} if cached else None
+            source = timm.create_model(tag, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay)
         except Exception as exc:  # network errors come in many types
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise AucliError(
-                f"could not fetch ImageNet weights {tag!r} from the timm hub ({reason}); "
-                "connect to the network, or pass --backbone-weights FILE with a local copy"
-            ) from None
+            raise AucliError(f"could not fetch ImageNet weights {tag!r} from the timm hub ({reason}); {advice}") from None
         self.model.load_state_dict(source.state_dict(), strict=True)
 
     def load_weights_file(self, path: str | Path) -> None:
         """Load backbone weights from a local file (a timm/torchvision state dict, or {'model': ...})."""
+        from ..checkpoint import load_tensors, unreadable_reason
+
         path = Path(path)
         if not path.is_file():
             raise AucliError(f"{path}: backbone weights file not found")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_tensors(path)
         except Exception as exc:
-            raise AucliError(f"{path}: not a readable weights file ({type(exc).__name__})") from None
+            raise AucliError(f"{path}: not a readable weights file ({unreadable_reason(exc)})") from None
         for key in ("model", "state_dict"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]
@@ -183,3 +190,45 @@ class Backbone(nn.Module):
         x = m.norm(x)  # (M, 7, 7, C_L)
         tokens = x.flatten(1, 2)
         return BackboneOutput(tokens, maps)
+
+
+def _cached_weights(tag: str) -> str | None:
+    """The weights file of a timm tag in the local Hugging Face cache, if it is there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id = timm.models.get_pretrained_cfg(tag).hf_hub_id
+    for name in ("model.safetensors", "pytorch_model.bin") if hub_id else ():
+        found = try_to_load_from_cache(hub_id, name)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """None when the Hugging Face hub (or the HTTPS proxy) accepts a connection within
+    ``timeout`` seconds, else why not. Name lookup has no timeout of its own, hence the thread."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set and they are not in the local cache"
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlsplit(proxy or constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    failure: list[str] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as error:
+            failure.append(f"cannot reach {host} ({error.strerror or error})")
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout + 1)
+    if probe.is_alive():
+        return f"no answer from {host} within {timeout:.0f} s"
+    return failure[0] if failure else None
