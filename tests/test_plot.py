@@ -136,7 +136,10 @@ def test_seventeen_aus_and_json_input(tmp_path):
     get_writer("json").write(table, source)
     line = timeline(read_table(source), 0)
     assert len(line.labels) == 17 and line.thresholds == [0.5] * 17
-    assert line.names[OPENFACE.index(5)] == "x"  # names aucli lacks come from the table, else none
+    # aucli's FACS names win; the table's names fill in only AUs aucli has no name for.
+    assert line.names[OPENFACE.index(5)] == "upper lid raiser"
+    from aucli.plot import au_name
+    assert au_name("AU43", {"AU43": "eyes closed"}) == "eyes closed" and au_name("AU43") == ""
     written = plot_table(source)
     assert written == [tmp_path / "aus.png"]
     with Image.open(written[0]) as image:
