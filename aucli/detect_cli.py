@@ -177,8 +177,8 @@ def run_detect(
         detector = Detector(**options)
     except KeyboardInterrupt:
         raise Interrupted("detect stopped while loading the model; nothing was written") from None
-    if not quiet:
-        console.print(f"aucli: model {detector.checkpoint}: {describe(detector.model.metadata)}")
+    # Said once, with the first result, so that a failing run still ends in one error line.
+    model_line = f"aucli: model {detector.checkpoint}: {describe(detector.model.metadata)}"
     writer = get_writer(format)
     kept: list[Path] = []
     for job, drawn in zip(jobs, overlays):
@@ -210,6 +210,9 @@ def run_detect(
         for warning in table.attrs.get("warnings", []):
             console.print(f"aucli: warning: {warning}")
         if not quiet:
+            if model_line:
+                console.print(model_line)
+                model_line = ""
             console.print(summary_line(name, table, written, job.output, drawn))
     if failures:
         total = len(jobs) + missing_inputs
