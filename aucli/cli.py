@@ -102,9 +102,8 @@ def main() -> None:
         typer.echo("aucli: aborted", err=True)
         sys.exit(1)
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
+        # By duck type: typer >= 0.29 raises its own vendored copy of click's exceptions.
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         raise
