@@ -110,7 +110,8 @@ class FaceFollower:
     """Faces of a video, frame after frame, without the full cascade on every frame.
 
     A full detection runs every ``redetect`` frames (counted from the first),
-    on every frame while no face is known, and whenever a known face is lost.
+    whenever a known face is lost, and while no face is known (then on the
+    rest of the group of frames at once).
     On the frames between, each known face is looked for with O-Net alone, on a
     square box placed relative to its previous landmarks exactly as the last
     full detection's O-Net box sat relative to its landmarks; tying the box to
@@ -128,28 +129,35 @@ class FaceFollower:
         self._anchors: list[np.ndarray] = []  # per face: O-Net box centre and side in landmark units
 
     def __call__(self, images: list[np.ndarray]) -> list[list[FaceDetection]]:
-        """The next frames of the video -> faces per frame, largest first."""
-        if self.redetect == 1:
-            self._frame += len(images)
-            return self.detector.detect(images)
-        out = []
-        for image in images:
-            faces = None
-            if self._faces and self._frame % self.redetect:
-                squares = np.stack([_place(f.landmarks, a) for f, a in zip(self._faces, self._anchors)])
-                found = self.detector.refine(image, squares)
-                if all(f is not None for f in found):
-                    faces = found  # else a face was lost: look again everywhere
-            if faces is None:
-                faces = self.detector.detect([image])[0]
-                self._anchors = [_anchor(f.landmarks, f.seen) for f in faces]
+        """The next group of frames of the video -> faces per frame, largest first."""
+        out: list[list[FaceDetection]] = []
+        while len(out) < len(images):
+            if self.redetect == 1 or not self._faces:
+                # No face to follow: the full cascade on the rest of the group at once
+                # (batching is cheaper per frame; groups are fixed by the caller).
+                found = self.detector.detect(images[len(out):])
+                last = found[-1]
+                self._anchors = [_anchor(f.landmarks, f.seen) for f in last]
             else:
-                order = np.argsort([-f.area for f in faces], kind="stable")
-                faces, self._anchors = [faces[i] for i in order], [self._anchors[i] for i in order]
-            self._faces = faces
-            self._frame += 1
-            out.append(list(faces))
-        return out
+                found = [self._next(images[len(out)])]
+            out += found
+            self._faces = found[-1]
+            self._frame += len(found)
+        return [list(faces) for faces in out]
+
+    def _next(self, image: np.ndarray) -> list[FaceDetection]:
+        """One frame, with faces known on the frame before."""
+        if self._frame % self.redetect:
+            squares = np.stack([_place(f.landmarks, a) for f, a in zip(self._faces, self._anchors)])
+            found = self.detector.refine(image, squares)
+            if all(f is not None for f in found):
+                order = np.argsort([-f.area for f in found], kind="stable")
+                self._anchors = [self._anchors[i] for i in order]
+                return [found[i] for i in order]
+        # Due for a full detection, or a face was lost: look again everywhere.
+        faces = self.detector.detect([image])[0]
+        self._anchors = [_anchor(f.landmarks, f.seen) for f in faces]
+        return faces
 
 
 def _landmark_frame(landmarks: np.ndarray) -> tuple[np.ndarray, float]:
