@@ -51,7 +51,9 @@ def _area_matrix(size_in: int, size_out: int) -> np.ndarray:
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
-    return (x - 127.5) * 0.0078125
+    """Pixels to the networks' input range, channels-last: torch's max pooling, a large
+    part of these small networks, measured 4-20x faster in that layout on CPU."""
+    return ((x - 127.5) * 0.0078125).contiguous(memory_format=torch.channels_last)
 
 
 def _square(boxes: torch.Tensor) -> torch.Tensor:
@@ -103,7 +105,7 @@ class MTCNN(nn.Module):
         self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
         self.min_face_size = min_face_size
         self.device = torch.device(device)
-        self.to(self.device).eval()
+        self.to(self.device, memory_format=torch.channels_last).eval()
 
     # ----- the full cascade -----------------------------------------------------------
     @torch.inference_mode()
