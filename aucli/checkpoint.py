@@ -186,10 +186,7 @@ def build_model(ckpt: Checkpoint, where: str = "checkpoint") -> torch.nn.Module:
     """Instantiate the model a checkpoint describes and fill it, checking tensors against metadata."""
     from .model import MDHR
 
-    # Built on the meta device, so no time goes into a random initialisation the
-    # checkpoint's tensors then replace (seconds for ResNet-50 on a small CPU).
-    with torch.device("meta"):
-        model = MDHR(**ckpt.metadata.model_config)
+    model = MDHR(**ckpt.metadata.model_config)
     own = model.state_dict()
     missing = sorted(k for k in own if k not in ckpt.state_dict)
     unexpected = sorted(k for k in ckpt.state_dict if k not in own)
@@ -204,13 +201,7 @@ def build_model(ckpt: Checkpoint, where: str = "checkpoint") -> torch.nn.Module:
             k = bad_shape[0]
             parts.append(f"shape of {k} is {tuple(ckpt.state_dict[k].shape)}, expected {tuple(own[k].shape)}")
         raise AucliError(f"{where}: metadata and tensors disagree: {'; '.join(parts)}")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        # Tables computed at construction and not stored (Swin's relative position
-        # index) stayed on the meta device: build on the CPU instead.
-        model = MDHR(**ckpt.metadata.model_config)
-        model.load_state_dict(state, strict=True)
+    model.load_state_dict(ckpt.state_dict, strict=True)
     return model
 
 

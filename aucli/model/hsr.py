@@ -62,8 +62,6 @@ class HSR(nn.Module):
             LinearBlock(features, features) for _ in range(au_set.num_aus)
         )
         self.gat = GraphAttention(features)
-        # Tables derived from the AU set, not stored in checkpoints; made on the CPU
-        # explicitly, so they survive a model built on the meta device (checkpoint.build_model).
         self.register_buffer("adjacency", torch.from_numpy(au_set.adjacency), persistent=False)
         self.register_buffer(
             "branch_of_au", torch.from_numpy(au_set.branch_index), persistent=False
@@ -72,7 +70,7 @@ class HSR(nn.Module):
             n = len(idx)
             self.register_buffer(f"_bits_{b}", torch.from_numpy(idx), persistent=False)
             self.register_buffer(
-                f"_shifts_{b}", torch.arange(n - 1, -1, -1, dtype=torch.long, device="cpu"), persistent=False
+                f"_shifts_{b}", torch.arange(n - 1, -1, -1, dtype=torch.long), persistent=False
             )
 
     def regions(self, g: torch.Tensor) -> list[torch.Tensor]:
