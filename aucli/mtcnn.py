@@ -1,4 +1,4 @@
-"""MTCNN (Zhang et al., 2016) run by aucli on facenet-pytorch's three networks and weights.
+"""MTCNN (Zhang et al., 2016) run by aucli with the weights facenet-pytorch ships.
 
 Two ways in:
 
@@ -11,19 +11,27 @@ Two ways in:
   decides when a full detection is due). One 48x48 network instead of the
   pyramid.
 
+The three networks are defined here with facenet-pytorch's layer names, and
+their weight files are read from its package folder without importing the
+package: importing it imports torchvision, and with it torch._dynamo, seconds of
+start-up that ``aucli detect`` does not need.
+
 Boxes are x1, y1, x2, y2 in source pixels; landmarks (5, 2) x, y: left eye,
 right eye, nose, left and right mouth corner.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms
+
+from .errors import AucliError
 
 THRESHOLDS = (0.6, 0.7, 0.7)  # P-, R-, O-Net score thresholds (facenet-pytorch's defaults)
 PYRAMID_FACTOR = 0.709
@@ -77,22 +85,114 @@ def _regress(boxes: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
-def _nms_min(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, threshold: float) -> np.ndarray:
-    """Greedy NMS per group where overlap = intersection / smaller area (the O-Net stage's rule)."""
+def _nms(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, threshold: float,
+         smaller: bool = False) -> np.ndarray:
+    """Greedy non-maximum suppression within each group -> kept indices, best score first.
+
+    ``smaller=False``: overlap = intersection over union with areas (x2-x1)(y2-y1),
+    boxes overlapping a better one by more than ``threshold`` dropped, ties in
+    score kept in input order: torchvision's ``batched_nms``, which the P- and
+    R-Net stages use. ``smaller=True``: intersection over the smaller area with
+    the +1 pixel convention, the O-Net stage's rule.
+    """
+    one = 1.0 if smaller else 0.0
+    x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
+    area = (x2 - x1 + one) * (y2 - y1 + one)
     keep = []
     for group in np.unique(groups):
         idx = np.flatnonzero(groups == group)
-        order = idx[np.argsort(scores[idx], kind="stable")[::-1]]
-        x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
-        area = (x2 - x1 + 1) * (y2 - y1 + 1)
+        order = idx[np.argsort(-scores[idx], kind="stable")]
         while len(order):
             i, rest = order[0], order[1:]
             keep.append(i)
-            w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
-            h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
-            overlap = w * h / np.minimum(area[i], area[rest])
+            w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + one)
+            h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + one)
+            inter = w * h
+            overlap = inter / (np.minimum(area[i], area[rest]) if smaller else area[i] + area[rest] - inter)
             order = rest[overlap <= threshold]
-    return np.array(sorted(keep), np.int64)
+    keep = np.array(keep, np.int64)
+    return keep[np.argsort(-scores[keep], kind="stable")]
+
+
+def _keep(boxes: torch.Tensor, owner: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices of ``boxes`` (n, >=5: corners, score) that survive NMS within each image."""
+    array = boxes[:, :5].cpu().numpy()
+    keep = _nms(array[:, :4], array[:, 4], owner.cpu().numpy(), threshold)
+    return torch.from_numpy(keep).to(boxes.device)
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    # The weights come from Caffe/TensorFlow: dense layers read the map width-major.
+    return x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)
+
+
+class PNet(nn.Module):
+    """Proposal network: fully convolutional, a face score and box offsets per 12x12 cell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
+        self.pool1 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv2, self.prelu2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
+        self.conv3, self.prelu3 = nn.Conv2d(16, 32, 3), nn.PReLU(32)
+        self.conv4_1, self.conv4_2 = nn.Conv2d(32, 2, 1), nn.Conv2d(32, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
+        return self.conv4_2(x), torch.softmax(self.conv4_1(x), dim=1)  # offsets, scores
+
+
+class RNet(nn.Module):
+    """Refinement network on 24x24 crops: a face score and box offsets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 28, 3), nn.PReLU(28)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2, self.prelu2 = nn.Conv2d(28, 48, 3), nn.PReLU(48)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3, self.prelu3 = nn.Conv2d(48, 64, 2), nn.PReLU(64)
+        self.dense4, self.prelu4 = nn.Linear(576, 128), nn.PReLU(128)
+        self.dense5_1, self.dense5_2 = nn.Linear(128, 2), nn.Linear(128, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.prelu4(self.dense4(_flatten(self.prelu3(self.conv3(x)))))
+        return self.dense5_2(x), torch.softmax(self.dense5_1(x), dim=1)  # offsets, scores
+
+
+class ONet(nn.Module):
+    """Output network on 48x48 crops: a face score, box offsets and 5 landmarks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
+        self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
+        self.dense5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
+        self.dense6_1, self.dense6_2, self.dense6_3 = nn.Linear(256, 2), nn.Linear(256, 4), nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.pool3(self.prelu3(self.conv3(x)))
+        x = self.prelu5(self.dense5(_flatten(self.prelu4(self.conv4(x)))))
+        # offsets, landmarks (5 x, then 5 y, as fractions of the box), scores
+        return self.dense6_2(x), self.dense6_3(x), torch.softmax(self.dense6_1(x), dim=1)
+
+
+def weights_folder() -> Path:
+    """facenet-pytorch's folder of MTCNN weights (pnet.pt, rnet.pt, onet.pt), found without importing it."""
+    spec = importlib.util.find_spec("facenet_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise AucliError("facenet-pytorch is not installed; it provides the MTCNN face-detector weights")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
 class MTCNN(nn.Module):
@@ -100,9 +200,15 @@ class MTCNN(nn.Module):
 
     def __init__(self, device: str | torch.device = "cpu", min_face_size: int = 40) -> None:
         super().__init__()
-        from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
-
         self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
+        folder = weights_folder()
+        for name in ("pnet", "rnet", "onet"):
+            path = folder / f"{name}.pt"
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError) as error:
+                raise AucliError(f"{path}: cannot read the MTCNN weights ({error})") from None
+            getattr(self, name).load_state_dict(state)
         self.min_face_size = min_face_size
         self.device = torch.device(device)
         self.to(self.device, memory_format=torch.channels_last).eval()
@@ -146,13 +252,13 @@ class MTCNN(nn.Module):
             top_left = ((2 * cell + 1) / scale).floor()
             bottom_right = ((2 * cell + 12) / scale).floor()
             boxes = torch.cat([top_left, bottom_right, score[:, None], offset], dim=1)
-            keep = batched_nms(boxes[:, :4], boxes[:, 4], owner, 0.5)
+            keep = _keep(boxes, owner, 0.5)
             found.append(boxes[keep])
             owners.append(owner[keep])
         if not found:  # the image is smaller than the smallest face looked for
             return batch.new_zeros(0, 5), torch.zeros(0, dtype=torch.long, device=batch.device)
         boxes, owner = torch.cat(found), torch.cat(owners)
-        keep = batched_nms(boxes[:, :4], boxes[:, 4], owner, 0.7)
+        keep = _keep(boxes, owner, 0.7)
         boxes, owner = boxes[keep], owner[keep]
         # P-Net's corrections are in units of the exclusive box size, unlike the later stages'.
         w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
@@ -186,7 +292,7 @@ class MTCNN(nn.Module):
         passed = probs[:, 1] > THRESHOLDS[1]
         boxes = torch.cat([boxes[passed, :4], probs[passed, 1:2]], dim=1)
         offsets, owner = offsets[passed], owner[passed]
-        keep = batched_nms(boxes[:, :4], boxes[:, 4], owner, 0.7)
+        keep = _keep(boxes, owner, 0.7)
         return _square(_regress(boxes[keep], offsets[keep])), owner[keep]
 
     def _landmarks(self, images, boxes, owner) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -209,7 +315,7 @@ class MTCNN(nn.Module):
         h = (seen[:, 3] - seen[:, 1] + 1)[:, None]
         landmarks = torch.stack([w * points[:, :5] + seen[:, 0:1] - 1, h * points[:, 5:] + seen[:, 1:2] - 1], dim=2)
         boxes = _regress(boxes, offsets).cpu().numpy()
-        keep = _nms_min(boxes[:, :4], boxes[:, 4], owner.cpu().numpy(), 0.7)
+        keep = _nms(boxes[:, :4], boxes[:, 4], owner.cpu().numpy(), 0.7, smaller=True)
         return boxes[keep], landmarks.cpu().numpy()[keep], seen.cpu().numpy()[keep], index.cpu().numpy()[keep]
 
     # ----- following known faces ------------------------------------------------------
