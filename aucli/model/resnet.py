@@ -107,6 +107,11 @@ class ResNet(nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
+    def forward(self, x):
+        """(M, 3, H, W) -> the last stage's map (M, C, H/32, W/32). (Backbone taps every stage.)"""
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
 
 RESNETS = {
     "resnet18": lambda: ResNet(BasicBlock, (2, 2, 2, 2)),
