@@ -1,7 +1,8 @@
 """detect: frames -> faces -> aligned, smoothed tracks -> windows -> per-frame AU rows.
 
 Everything streams: frames are decoded in groups of ``DETECTION_BATCH``, faces are
-detected on the group, aligned a few frames behind (landmark smoothing looks
+found on the group (full detection every few frames, followed in between:
+faces.FaceFollower), aligned a few frames behind (landmark smoothing looks
 ``smoothing`` frames ahead), and the model runs once per frame as faces arrive
 (aucli/windows.py). A frame's row is complete once all its faces have their
 probabilities; rows come out in frame order.
@@ -24,7 +25,15 @@ import torch
 
 from . import __version__
 from .errors import UsageError
-from .faces import FaceDetector, FaceFollower, FaceTracker, TrackedFace, align_face, face_to_tensor, smooth_landmarks
+from .faces import (
+    FaceDetector,
+    FaceFollower,
+    FaceTracker,
+    TrackedFace,
+    align_face,
+    face_to_tensor,
+    smooth_landmarks,
+)
 from .video import DEFAULT_FPS, Frame, VideoInfo, open_video
 from .windows import WindowPredictor
 
@@ -195,7 +204,8 @@ class Detector:
         self.precision = resolve_precision(precision, self.device)
         self.checkpoint = resolve_checkpoint(checkpoint)
         self.model = load_model(self.checkpoint, self.device)
-        # The checkpoint's MDHR, BN folded and at the chosen precision (aucli/inference.py).
+        # Runs the checkpoint's MDHR with BN folded, at the chosen precision
+        # (aucli/inference.py); it rearranges self.model in place for that.
         self.runner = InferenceModel(self.model, self.precision)
         meta = self.model.metadata
         self.labels = [f"AU{au:02d}" for au in meta.aus]
