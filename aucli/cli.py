@@ -139,6 +139,12 @@ def main() -> None:
 # Commands added by other modules of the CLI go below this line.
 
 
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class OutputFormat(str, Enum):
     csv = "csv"
     json = "json"
@@ -178,6 +184,15 @@ def detect(
         None, "--overlay", help="Also write the video with each face's box, landmarks, id and AU bars "
         "(.mp4, .mov or .mkv; a folder with several inputs). The AU results do not change.",
     ),
+    precision: Precision = typer.Option(
+        Precision.auto, "--precision",
+        help="Model arithmetic: fp32, bf16, or auto (bf16 where the CPU or GPU has native bf16, else fp32).",
+    ),
+    redetect: int = typer.Option(
+        8, "--redetect", min=1,
+        help="Full face detection every N frames; in between, faces are followed from their landmarks "
+        "(1: full detection on every frame).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Find Action Units in videos: one row per frame (per face with --faces all)."""
@@ -186,7 +201,7 @@ def detect(
     status = run_detect(
         inputs, output, format.value if format else None, quiet, overlay,
         checkpoint=checkpoint, device=device, batch_size=batch_size, faces=faces.value,
-        threshold=threshold, fps=fps,
+        threshold=threshold, fps=fps, precision=precision.value, redetect=redetect,
     )
     # SystemExit, not typer.Exit: in non-standalone mode click returns Exit's code instead of exiting.
     raise SystemExit(status)

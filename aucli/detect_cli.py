@@ -149,11 +149,35 @@ def run_detect(
     overlay: Path | None = None,
     **options: Any,
 ) -> int:
-    """Run detection on every input; returns the exit status (0, or 1 if any failed)."""
+    """Run detection on every input; returns the exit status (0, or 1 if any failed).
+
+    Under ``torchrun`` each process runs its share of the inputs
+    (aucli/distributed.py) and rank 0 prints what all of them report.
+    """
+    from .distributed import Processes
+
+    processes = Processes.from_environment()
+    try:
+        return _run_detect(processes, inputs, output, format, quiet, overlay, **options)
+    except AucliError as error:
+        if not processes.leader:
+            # Every process meets the same error (same inputs and options): rank 0 says it.
+            raise SystemExit(error.exit_code) from None
+        raise
+    finally:
+        processes.close()
+
+
+def _run_detect(
+    processes, inputs: list[str], output: Path | None, format: str | None, quiet: bool, overlay: Path | None,
+    **options: Any
+) -> int:
     from .checkpoint import describe
+    from .distributed import share
     from .pipeline import Detector
 
     console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+    alone = processes.world == 1
     failures: list[str] = []
     sources: list[Path] = []
     for spec in inputs:
@@ -171,20 +195,37 @@ def run_detect(
         except OSError as error:
             raise AucliError(f"-o {folder}: cannot create folder ({error.strerror})") from None
     overlays = plan_overlays(jobs, overlay)
-    for note in notes:
-        console.print(f"aucli: note: {note}")
+    if processes.leader:
+        for note in notes:
+            console.print(f"aucli: note: {note}")
+    options["device"] = processes.device(options.get("device", "auto"))
     try:
         detector = Detector(**options)
+        setup_error = None
+    except AucliError as error:
+        setup_error = error
     except KeyboardInterrupt:
         raise Interrupted("detect stopped while loading the model; nothing was written") from None
+    if not alone:  # a model that fails to load on one process stops them all
+        errors = [e for e in processes.gather(setup_error) if e is not None]
+        setup_error = setup_error or (errors[0] if errors else None)
+    if setup_error is not None:
+        raise setup_error
     # Said once, with the first result, so that a failing run still ends in one error line.
-    model_line = f"aucli: model {detector.checkpoint}: {describe(detector.model.metadata)}"
+    model_line = f"model {detector.checkpoint}: {describe(detector.model.metadata)}"
     writer = get_writer(format)
+    owners = share([_size(job.source) for job in jobs], processes.world)
+    # What this process reports, by job: ("error" | "warning" | "summary", text).
+    reports: list[tuple[int, str, str]] = []
     kept: list[Path] = []
-    for job, drawn in zip(jobs, overlays):
+    frames = 0
+    started = time.perf_counter()
+    for index, (job, drawn) in enumerate(zip(jobs, overlays)):
+        if owners[index] != processes.rank:
+            continue
         name = str(job.source)
-        # A bar only on a terminal: redirected to a log it would be noise.
-        bar = _Bar(console, job.source.name) if console.is_terminal and not quiet else None
+        # A bar only on a terminal and for one process: redirected to a log it would be noise.
+        bar = _Bar(console, job.source.name) if alone and console.is_terminal and not quiet else None
         try:
             check_writable(job.output, name)
             table = detector.run(job.source, bar, overlay=drawn)
@@ -201,23 +242,64 @@ def run_detect(
             if bar:
                 bar.stop()
             message = str(error) if isinstance(error, AucliError) else f"{name}: {error}"
-            failures.append(message.splitlines()[0] if message else f"{name}: {type(error).__name__}")
-            if len(jobs) == 1 and not missing_inputs:
-                raise AucliError(failures[-1]) from None
-            console.print(f"aucli: error: {failures[-1]}")
+            failure = message.splitlines()[0] if message else f"{name}: {type(error).__name__}"
+            if alone and len(jobs) == 1 and not missing_inputs:
+                raise AucliError(failure) from None
+            reports.append((index, "error", failure))
+            if alone:
+                console.print(f"aucli: error: {failure}")
             continue
         kept += [job.output] + ([drawn] if drawn else [])
-        for warning in table.attrs.get("warnings", []):
-            console.print(f"aucli: warning: {warning}")
-        if not quiet:
-            if model_line:
-                console.print(model_line)
-                model_line = ""
-            console.print(summary_line(name, table, written, job.output, drawn))
+        frames += table.attrs["summary"]["frames"]
+        lines = [(index, "warning", w) for w in table.attrs.get("warnings", [])]
+        lines.append((index, "summary", summary_line(name, table, written, job.output, drawn)))
+        reports.extend(lines)
+        if alone:
+            for _, kind, text in lines:
+                if kind == "warning":
+                    console.print(f"aucli: warning: {text}")
+                elif not quiet:
+                    if model_line:
+                        console.print(f"aucli: {model_line}")
+                        model_line = ""
+                    console.print(text)
+    if not alone:
+        gathered = processes.gather((reports, frames, time.perf_counter() - started))
+        reports = sorted(r for part, _, _ in gathered for r in part)
+        if processes.leader:
+            for _, kind, text in reports:
+                if kind != "summary":
+                    console.print(f"aucli: {kind}: {text}")
+                elif not quiet:
+                    if model_line:
+                        console.print(f"aucli: {model_line}")
+                        model_line = ""
+                    console.print(text)
+            if not quiet:
+                total = sum(f for _, f, _ in gathered)
+                seconds = max(s for _, _, s in gathered)
+                console.print(
+                    f"aucli: {len(jobs)} input(s) on {processes.world} processes: {total} frames in "
+                    f"{seconds:.1f} s ({total / max(seconds, 1e-9):.1f} frames/s)"
+                )
+    failures += [text for _, kind, text in reports if kind == "error"]
+    if failures and not alone and len(jobs) == 1 and not missing_inputs:
+        raise AucliError(failures[-1])
     if failures:
-        total = len(jobs) + missing_inputs
-        console.print(f"aucli: {len(failures)} of {total} input(s) failed:")
-        for failure in failures:
-            console.print(f"  {failure}")
+        if processes.leader:
+            total = len(jobs) + missing_inputs
+            console.print(f"aucli: {len(failures)} of {total} input(s) failed:")
+            for failure in failures:
+                console.print(f"  {failure}")
         return 1
     return 0
+
+
+def _size(path: Path) -> int:
+    """Bytes of a video, or of an image folder's files: how the processes share the work."""
+    try:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0

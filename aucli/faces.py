@@ -7,6 +7,8 @@ detection see identical crops.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import cv2
@@ -41,6 +43,9 @@ class FaceDetection:
     box: np.ndarray  # (4,) float x1, y1, x2, y2
     landmarks: np.ndarray  # (5, 2) float (x, y): left eye, right eye, nose, left/right mouth corner
     confidence: float
+    # The square box O-Net looked at to place the landmarks; FaceFollower places the
+    # next frame's box the same way relative to the face.
+    seen: np.ndarray | None = None
 
     @property
     def area(self) -> float:
@@ -48,7 +53,7 @@ class FaceDetection:
 
 
 class FaceDetector:
-    """facenet-pytorch's MTCNN (weights ship inside the package), batched over frames."""
+    """MTCNN face detection (aucli/mtcnn.py; the weights ship inside facenet-pytorch)."""
 
     def __init__(
         self,
@@ -56,7 +61,7 @@ class FaceDetector:
         min_face_size: int = 40,
         min_confidence: float = 0.9,
     ) -> None:
-        from facenet_pytorch import MTCNN
+        from .mtcnn import MTCNN
 
         self.device = torch.device(device)
         self.min_confidence = min_confidence
@@ -64,29 +69,139 @@ class FaceDetector:
         # off the caller's generator, so that detecting faces never changes what a seeded
         # run (training on freshly generated synthetic data, a notebook) draws next.
         with torch.random.fork_rng(devices=[]):
-            self._mtcnn = MTCNN(keep_all=True, min_face_size=min_face_size, device=self.device)
+            self._mtcnn = MTCNN(self.device, min_face_size)
 
-    @torch.inference_mode()
     def detect(self, images: list[np.ndarray]) -> list[list[FaceDetection]]:
-        """RGB uint8 (H, W, 3) images -> faces per image, largest first."""
+        """RGB uint8 (H, W, 3) images -> faces per image, largest first (the full cascade)."""
         results: list[list[FaceDetection]] = [[] for _ in images]
-        # MTCNN batches only same-size images; image sequences may mix sizes.
+        # The cascade batches only same-size images; image sequences may mix sizes.
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(images):
             by_shape.setdefault(image.shape, []).append(i)
-        for indices in by_shape.values():
-            batch = np.stack([images[i] for i in indices])
-            boxes, probs, points = self._mtcnn.detect(batch, landmarks=True)
-            for j, i in enumerate(indices):
-                if boxes[j] is None:
-                    continue
-                faces = [
-                    FaceDetection(np.asarray(b, np.float64), np.asarray(p, np.float64), float(c))
-                    for b, c, p in zip(boxes[j], probs[j], points[j])
-                    if c >= self.min_confidence
-                ]
-                results[i] = sorted(faces, key=lambda f: f.area, reverse=True)
+        with cpu_threads(self.device, 1):
+            for indices in by_shape.values():
+                found = self._mtcnn.detect(np.stack([images[i] for i in indices]))
+                for i, (boxes, landmarks, seen) in zip(indices, found):
+                    faces = [self._face(*face) for face in zip(boxes, landmarks, seen)]
+                    results[i] = _largest_first([f for f in faces if f is not None])
         return results
+
+    def refine(self, image: np.ndarray, squares: np.ndarray) -> list[FaceDetection | None]:
+        """O-Net alone on square boxes (n, 4) where faces are expected in ``image`` -> the
+        face found in each box, or None where O-Net does not confirm one."""
+        out: list[FaceDetection | None] = [None] * len(squares)
+        if len(squares):
+            with cpu_threads(self.device, 1):
+                boxes, landmarks, index = self._mtcnn.refine(image, squares)
+            for box, points, i in zip(boxes, landmarks, index):
+                out[int(i)] = self._face(box, points, squares[int(i)])
+        return out
+
+    def _face(self, box: np.ndarray, landmarks: np.ndarray, seen: np.ndarray) -> FaceDetection | None:
+        if box[4] < self.min_confidence:
+            return None
+        return FaceDetection(
+            np.asarray(box[:4], np.float64), np.asarray(landmarks, np.float64), float(box[4]),
+            np.asarray(seen, np.float64),
+        )
+
+
+def _largest_first(faces: list[FaceDetection]) -> list[FaceDetection]:
+    return sorted(faces, key=lambda f: f.area, reverse=True)
+
+
+class FaceFollower:
+    """Faces of a video, frame after frame, without the full cascade on every frame.
+
+    A full detection runs every ``redetect`` frames (counted from the first),
+    whenever a known face is lost, and while no face is known (then on the
+    rest of the group of frames at once).
+    On the frames between, each known face is looked for with O-Net alone, on a
+    square box placed relative to its previous landmarks exactly as the last
+    full detection's O-Net box sat relative to its landmarks; tying the box to
+    the landmarks, not to the previous box, keeps it from drifting. That costs
+    one 48x48 network instead of the image pyramid. ``redetect=1`` runs the
+    full cascade on every frame. With several faces (``--faces all``), a face
+    that enters the picture is found at the next full detection.
+    """
+
+    def __init__(self, detector: FaceDetector, redetect: int = 1) -> None:
+        self.detector = detector
+        self.redetect = max(1, redetect)
+        self._frame = 0
+        self._faces: list[FaceDetection] = []
+        self._anchors: list[np.ndarray] = []  # per face: O-Net box centre and side in landmark units
+
+    def __call__(self, images: list[np.ndarray]) -> list[list[FaceDetection]]:
+        """The next group of frames of the video -> faces per frame, largest first."""
+        out: list[list[FaceDetection]] = []
+        while len(out) < len(images):
+            if self.redetect == 1 or not self._faces:
+                # No face to follow: the full cascade on the rest of the group at once
+                # (batching is cheaper per frame; groups are fixed by the caller).
+                found = self.detector.detect(images[len(out):])
+                last = found[-1]
+                self._anchors = [_anchor(f.landmarks, f.seen) for f in last]
+            else:
+                found = [self._next(images[len(out)])]
+            out += found
+            self._faces = found[-1]
+            self._frame += len(found)
+        return [list(faces) for faces in out]
+
+    def _next(self, image: np.ndarray) -> list[FaceDetection]:
+        """One frame, with faces known on the frame before."""
+        if self._frame % self.redetect:
+            squares = np.stack([_place(f.landmarks, a) for f, a in zip(self._faces, self._anchors)])
+            found = self.detector.refine(image, squares)
+            if all(f is not None for f in found):
+                order = np.argsort([-f.area for f in found], kind="stable")
+                self._anchors = [self._anchors[i] for i in order]
+                return [found[i] for i in order]
+        # Due for a full detection, or a face was lost: look again everywhere.
+        faces = self.detector.detect([image])[0]
+        self._anchors = [_anchor(f.landmarks, f.seen) for f in faces]
+        return faces
+
+
+def _landmark_frame(landmarks: np.ndarray) -> tuple[np.ndarray, float]:
+    """Centre and size (RMS distance from the centre) of 5 landmarks."""
+    centre = landmarks.mean(0)
+    return centre, float(np.sqrt(((landmarks - centre) ** 2).sum(1).mean()))
+
+
+def _anchor(landmarks: np.ndarray, square: np.ndarray) -> np.ndarray:
+    """A square box relative to the landmarks: (dx, dy, side) in units of their size."""
+    centre, size = _landmark_frame(landmarks)
+    box_centre = (square[:2] + square[2:]) / 2
+    return np.array([*(box_centre - centre) / size, (square[2] - square[0]) / size])
+
+
+def _place(landmarks: np.ndarray, anchor: np.ndarray) -> np.ndarray:
+    """The square box (x1, y1, x2, y2) that ``anchor`` puts around these landmarks."""
+    centre, size = _landmark_frame(landmarks)
+    box_centre = centre + anchor[:2] * size
+    half = anchor[2] * size / 2
+    return np.array([*(box_centre - half), *(box_centre + half)])
+
+
+@contextmanager
+def cpu_threads(device: torch.device, threads: int) -> Iterator[None]:
+    """Run torch on ``threads`` CPU threads inside the block (no effect on other devices).
+
+    The face stage is many small operations; on 2 cores, splitting each across
+    threads cost more in waiting than it gained, and far more so when another
+    process held a core (~20 ms instead of ~0.2 ms per crop).
+    """
+    previous = torch.get_num_threads()
+    if device.type != "cpu" or previous <= threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:

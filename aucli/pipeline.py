@@ -1,7 +1,8 @@
 """detect: frames -> faces -> aligned, smoothed tracks -> windows -> per-frame AU rows.
 
 Everything streams: frames are decoded in groups of ``DETECTION_BATCH``, faces are
-detected on the group, aligned a few frames behind (landmark smoothing looks
+found on the group (full detection every few frames, followed in between:
+faces.FaceFollower), aligned a few frames behind (landmark smoothing looks
 ``smoothing`` frames ahead), and the model runs once per frame as faces arrive
 (aucli/windows.py). A frame's row is complete once all its faces have their
 probabilities; rows come out in frame order.
@@ -25,7 +26,15 @@ import torch
 from . import __version__
 from .checkpoint import STARTER
 from .errors import UsageError
-from .faces import FaceDetector, FaceTracker, TrackedFace, align_face, face_to_tensor, smooth_landmarks
+from .faces import (
+    FaceDetector,
+    FaceFollower,
+    FaceTracker,
+    TrackedFace,
+    align_face,
+    face_to_tensor,
+    smooth_landmarks,
+)
 from .overlay import FaceMarks, OverlayWriter, check_overlay_path
 from .video import DEFAULT_FPS, Frame, VideoInfo, open_video
 from .windows import WindowPredictor
@@ -36,6 +45,9 @@ STAGES = ("decode", "faces", "model")
 # fixed groups of frames, counted from the start of the video, keeps results
 # independent of --batch-size (which sizes the model's batches).
 DETECTION_BATCH = 16
+# Full face detection every this many frames; O-Net alone follows the faces in between
+# (faces.FaceFollower). On the sample videos that finds a face on exactly the same frames.
+REDETECT = 8
 FACE_MODES = ("largest", "all")
 NO_FACE_ID = {"largest": 0, "all": -1}  # face_id on rows of frames where no face was found
 CHECKPOINT_HELP = (
@@ -179,8 +191,11 @@ class Detector:
         smoothing: int = 2,
         min_face_size: int = 40,
         min_confidence: float = 0.9,
+        precision: str = "auto",
+        redetect: int = REDETECT,
     ) -> None:
         from .checkpoint import file_sha256, load_model
+        from .inference import InferenceModel, resolve_precision
 
         if faces not in FACE_MODES:
             raise UsageError(f"--faces {faces}: expected one of {', '.join(FACE_MODES)}")
@@ -188,15 +203,22 @@ class Detector:
             raise UsageError(f"--batch-size {batch_size}: must be at least 1")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise UsageError(f"--threshold {threshold}: must lie between 0 and 1")
+        if redetect < 1:
+            raise UsageError(f"--redetect {redetect}: must be at least 1")
         self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.checkpoint = resolve_checkpoint(checkpoint)
         self.model = load_model(self.checkpoint, self.device)
+        # Runs the checkpoint's MDHR with BN folded, at the chosen precision
+        # (aucli/inference.py); it rearranges self.model in place for that.
+        self.runner = InferenceModel(self.model, self.precision)
         meta = self.model.metadata
         self.labels = [f"AU{au:02d}" for au in meta.aus]
         self.thresholds = np.array(
             [threshold] * len(meta.aus) if threshold is not None else meta.thresholds, np.float64
         )
         self.batch_size, self.faces, self.fps, self.smoothing = batch_size, faces, fps, smoothing
+        self.redetect = redetect
         self.face_detector = FaceDetector(self.device, min_face_size, min_confidence)
         self.model_info = {
             "checkpoint": str(self.checkpoint),
@@ -209,6 +231,7 @@ class Detector:
             "k": meta.k,
             "backbone": meta.backbone,
             "source": meta.source,
+            "precision": self.precision,
         }
 
     def _preprocess(self, faces: np.ndarray) -> torch.Tensor:
@@ -230,10 +253,11 @@ class Detector:
         reader = open_video(path, self.fps)
         if progress is not None:
             progress.start(reader.info)
+        follower = FaceFollower(self.face_detector, self.redetect)
         tracker = FaceTracker(self.faces)
         aligner = _Aligner(self.smoothing)
         predictor = WindowPredictor(
-            self.model, self.model.metadata.clip_length, self._preprocess, self.batch_size, self.device
+            self.runner, self.model.metadata.clip_length, self._preprocess, self.batch_size, self.device
         )
         records: dict[int, _Record] = {}
         order: deque[int] = deque()
@@ -262,7 +286,7 @@ class Detector:
                 drawer = stack.enter_context(OverlayWriter(overlay, reader.info, self.labels, self.thresholds))
             for chunk in _batches(reader, DETECTION_BATCH, timer):
                 with timer("faces"):
-                    detections = self.face_detector.detect([f.image for f in chunk])
+                    detections = follower([f.image for f in chunk])
                 for frame, found in zip(chunk, detections):
                     with timer("faces"):
                         tracked = tracker.update(found)
@@ -327,7 +351,7 @@ class Detector:
         return {
             "aucli_version": __version__,
             "video": video,
-            "model": dict(self.model_info, device=str(self.device), faces=self.faces),
+            "model": dict(self.model_info, device=str(self.device), faces=self.faces, redetect=self.redetect),
             "summary": {
                 "frames": frames,
                 "frames_with_face": with_face,
@@ -384,7 +408,8 @@ def detect(
     Options: device ("auto"), batch_size (16), faces ("largest" | "all"),
     threshold (None: the checkpoint's per-AU thresholds), fps (for image
     folders, 30), smoothing (landmark smoothing radius, 2; 0 turns it off),
-    min_face_size (40), min_confidence (0.9). ``overlay``: also write the
-    annotated video (.mp4, .mov, .mkv) there. Metadata is in ``.attrs``.
+    min_face_size (40), min_confidence (0.9), precision ("auto" | "fp32" | "bf16"),
+    redetect (full face detection every N frames, 8; 1: every frame). ``overlay``: also write
+    the annotated video (.mp4, .mov, .mkv) there. Metadata is in ``.attrs``.
     """
     return Detector(checkpoint, **options).run(path, progress, overlay=overlay)

@@ -21,9 +21,9 @@ So every frame is predicted at the centre of a T-frame window, with all the
 real context the segment has within T/2 frames on either side.
 
 Speed: when clean positions exist, consecutive groups share one longer window
-(the union of their T-windows). Each group still sits at clean positions, so
-its output equals that of its own T-window, while the head runs about once
-per frame instead of T/S times.
+(the union of their T-windows, about 4T frames). Each group still sits at clean
+positions, so its output equals that of its own T-window, while the head runs
+about 1.2 times per frame instead of T/S times.
 """
 
 from __future__ import annotations
@@ -96,8 +96,10 @@ class WindowPredictor:
         self.device = torch.device(device)
         self.stride, self.centre = window_layout(clip_length, model.k)
         if clip_length > 2 * _reach(model.k):
-            # Clean positions exist: several groups share one longer window.
-            self.groups_per_job = math.ceil(max(self.batch_size, 2 * clip_length) / self.stride)
+            # Clean positions exist: several groups share one longer window. About 4T
+            # frames per window: the head runs on 78 positions to predict 64 frames
+            # (T=16, k=5), against 46 for 32 with 2T.
+            self.groups_per_job = math.ceil(max(self.batch_size, 4 * clip_length) / self.stride)
             self.jobs_per_batch = 1
         else:
             self.groups_per_job = 1

@@ -1,12 +1,24 @@
-"""End-to-end speed of `aucli detect` on the sample videos (a benchmark, not a test).
+"""Speed, memory and agreement of `aucli detect` (a benchmark, not a test).
 
-Prints the machine it ran on, then per device and video: frames, frames/s end
-to end, seconds per stage (decode, faces, model, write) and peak memory (host
-RSS; CUDA: peak allocated). Without --checkpoint it times a randomly
-initialised model with the chosen backbone: speed does not depend on weights.
+Speed: each video goes through the command line in a fresh process (`python -m
+aucli detect VIDEO -o OUT`), timed from process start to file written, so
+start-up and model load count. Between those runs, this process times the
+reference workload: a plain timm ResNet-50, fp32, batch 16, forward only, in
+images/s. Every figure is also given as a ratio to the reference timed next to
+it, which stays comparable across machines and under other load. Per stage:
+frames per second of decode, faces, model and write (frames / stage seconds,
+from the summary line) and start-up (everything else: imports, model load,
+opening the video). Peak RSS: the process's own maximum resident memory.
 
-    python benchmarks/detect_speed.py [--device cpu|cuda|all] [--backbone resnet50] [--batch-size 16]
-                                      [--threads N] [--videos NAME ...]
+    python benchmarks/detect_speed.py [--checkpoint CKPT | --backbone resnet50] [--precision auto]
+        [--device cpu] [--videos NAME ...] [--loop-minutes 3] [--agreement] [--threads N]
+
+Without --checkpoint it times a randomly initialised BP4D model with the chosen
+backbone (speed does not depend on the weights). --loop-minutes M also runs
+the first video looped to at least M minutes and compares peak memory (goal:
+flat in video length). --agreement runs the sample videos with --precision fp32
+and with the chosen precision and compares the AU outputs (share of equal
+decisions, mean |delta p|) instead of timing.
 """
 
 from __future__ import annotations
@@ -14,9 +26,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -25,12 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aucli.checkpoint import save_checkpoint  # noqa: E402
-from aucli.model import MDHR  # noqa: E402
-from aucli.pipeline import Detector  # noqa: E402
-from aucli.writers import get_writer  # noqa: E402
+from aucli.inference import cpu_flags, resolve_precision  # noqa: E402
 
 SAMPLES = ["WolfgangLanger_Pexels.mp4", "single_face.mp4", "face_noface.mov", "no_face.mp4"]
+STAGES = ("decode", "faces", "model", "write")
 
 
 def machine() -> str:
@@ -42,115 +53,249 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in cpu_flags()]
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     parts = [
-        f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, RAM {memory:.0f} GiB",
+        f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, "
+        f"RAM {memory:.0f} GiB, bf16 flags: {', '.join(bf16) or 'none'}, "
+        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}",
         f"Python {platform.python_version()}, torch {torch.__version__}, {platform.system()} {platform.release()}",
+        "GPU: " + (f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}" if torch.cuda.is_available()
+                   else "none"),
     ]
-    if torch.cuda.is_available():
-        parts.append(f"GPU: {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}")
-    else:
-        parts.append("GPU: none")
     return "\n".join(parts)
 
 
-class PeakRSS:
-    """Samples this process's resident memory in the background; ``peak`` in MiB."""
-
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
-
-    @staticmethod
-    def current() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = self.current()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
 
 
+# ----- the reference workload ------------------------------------------------------
+class Reference:
+    """A plain timm ResNet-50, fp32, batch 16, forward only: images per second."""
+
+    def __init__(self, device: str) -> None:
+        import timm
+
+        torch.manual_seed(0)
+        self.device = torch.device(device)
+        self.model = timm.create_model("resnet50", num_classes=0).eval().to(self.device)
+        self.batch = torch.randn(16, 3, 224, 224, device=self.device)
+        self.figures: list[float] = []
+        self.measure(repeats=1)  # warm-up, not recorded
+        self.figures.clear()
+
+    @torch.inference_mode()
+    def measure(self, repeats: int = 3) -> float:
+        self.model(self.batch)
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            self.model(self.batch)
+        self._sync()
+        rate = repeats * len(self.batch) / (time.perf_counter() - start)
+        self.figures.append(rate)
+        return rate
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+# ----- inputs ----------------------------------------------------------------------
 def random_checkpoint(path: Path, backbone: str) -> Path:
-    # In a function, so the model is freed before the timed runs load their own copy.
+    from aucli.checkpoint import save_checkpoint
+    from aucli.model import MDHR
+
+    torch.manual_seed(0)
     save_checkpoint(path, MDHR("bp4d", backbone=backbone), clip_length=16, source={"kind": "random"})
     return path
 
 
-def bench(detector: Detector, video: Path, out_dir: Path) -> dict:
-    cuda = detector.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(detector.device)
-    start = time.perf_counter()
-    with PeakRSS() as rss:
-        table = detector.run(video)
-        if cuda:
-            torch.cuda.synchronize()
-        write_start = time.perf_counter()
-        get_writer("csv").write(table, out_dir / f"{video.stem}.csv")
-        write = time.perf_counter() - write_start
-    total = time.perf_counter() - start
-    summary = table.attrs["summary"]
+def looped_video(source: Path, target: Path, minutes: float) -> Path:
+    """``source`` repeated (packets copied, timestamps shifted) until it lasts ``minutes``."""
+    import av
+
+    with av.open(str(source)) as probe:
+        stream = probe.streams.video[0]
+        duration = float(stream.duration * stream.time_base)
+    loops = max(1, int(-(-minutes * 60 // duration)))
+    with av.open(str(target), "w") as out:
+        out_stream = None
+        offset = 0
+        for _ in range(loops):
+            with av.open(str(source)) as src:
+                stream = src.streams.video[0]
+                if out_stream is None:
+                    out_stream = out.add_stream_from_template(stream)
+                last = 0
+                for packet in src.demux(stream):
+                    if packet.pts is None:
+                        continue
+                    last = max(last, packet.pts + (packet.duration or 0))
+                    packet.pts += offset
+                    if packet.dts is not None:
+                        packet.dts += offset
+                    packet.stream = out_stream
+                    out.mux(packet)
+                offset += last
+    return target
+
+
+def resolve_videos(names: list[str]) -> list[Path]:
+    return [p if p.exists() else ROOT / "sample_videos" / "videos" / p.name for p in map(Path, names)]
+
+
+# ----- one end-to-end run ------------------------------------------------------------
+SUMMARY = re.compile(r": (\d+) frames, .*?([\d.]+) frames/s \((.*)\) -> ")
+
+
+def run_cli(video: Path, out: Path, args: argparse.Namespace, checkpoint: Path, precision: str) -> dict:
+    command = [
+        sys.executable, "-m", "aucli", "detect", str(video), "-o", str(out), "--checkpoint", str(checkpoint),
+        "--device", args.device, "--batch-size", str(args.batch_size), "--precision", precision,
+    ]
+    if args.redetect:
+        command += ["--redetect", str(args.redetect)]
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    log = out.with_suffix(".log")
+    with open(log, "w") as sink:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        # wait4 gives this child's own resource usage, peak RSS included (KiB on Linux).
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    stderr = log.read_text()
+    if process.returncode != 0 or not out.exists():
+        raise SystemExit(f"aucli detect failed on {video} ({process.returncode}):\n{stderr}")
+    found = SUMMARY.search(stderr)
+    if not found:
+        raise SystemExit(f"no summary line from aucli detect:\n{stderr}")
+    frames = int(found.group(1))
+    stages = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", found.group(3))}
+    share = re.search(r"(\d+)% with a face", stderr)
     return {
         "video": video.name,
-        "frames": summary["frames"],
-        "face": summary["frames_with_face"] / max(summary["frames"], 1),
-        "fps": summary["frames"] / total,
-        **summary["stages"],
-        "write": write,
-        "rss": rss.peak,
-        "cuda": torch.cuda.max_memory_allocated(detector.device) / 2**20 if cuda else None,
+        "frames": frames,
+        "face": int(share.group(1)) if share else 0,
+        "seconds": seconds,
+        "fps": frames / seconds,
+        "stages": stages,
+        "startup": max(seconds - sum(stages.values()), 0.0),
+        "rss": usage.ru_maxrss / 1024,
     }
+
+
+def stage_fps(frames: int, seconds: float) -> str:
+    return f"{frames / seconds:.0f}" if seconds > 0.05 else "-"
+
+
+def speed(args: argparse.Namespace, checkpoint: Path, precision: str, videos: list[Path], tmp: Path) -> None:
+    reference = Reference(args.device)
+    before = reference.measure()
+    print(f"\nreference: timm ResNet-50 fp32, batch 16, forward: {before:.2f} img/s ({load()})")
+    print("| video | frames | with face | end to end s | frames/s | x reference | start-up s | decode fps "
+          "| faces fps | model fps | write fps | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    results = []
+    for video in videos:
+        r = run_cli(video, tmp / f"{video.stem}.csv", args, checkpoint, precision)
+        after = reference.measure()
+        r["reference"] = (before + after) / 2  # the reference just before and just after this run
+        before = after
+        results.append(r)
+        s = r["stages"]
+        print(f"| {r['video']} | {r['frames']} | {r['face']}% | {r['seconds']:.1f} | {r['fps']:.1f} "
+              f"| {r['fps'] / r['reference']:.2f} | {r['startup']:.1f} | "
+              + " | ".join(stage_fps(r["frames"], s.get(k, 0.0)) for k in STAGES)
+              + f" | {r['rss']:.0f} |", flush=True)
+    frames = sum(r["frames"] for r in results)
+    seconds = sum(r["seconds"] for r in results)
+    mean_reference = sum(reference.figures) / len(reference.figures)
+    print(f"\nall videos: {frames} frames in {seconds:.1f} s = {frames / seconds:.1f} frames/s = "
+          f"{frames / seconds / mean_reference:.2f} x the reference "
+          f"(reference {min(reference.figures):.2f}-{max(reference.figures):.2f} img/s over "
+          f"{len(reference.figures)} timings, {load()})")
+    if args.loop_minutes:
+        source = videos[0]
+        looped = looped_video(source, tmp / f"{source.stem}_looped{source.suffix}", args.loop_minutes)
+        long = run_cli(looped, tmp / "looped.csv", args, checkpoint, precision)
+        short = next(r for r in results if r["video"] == source.name)
+        after = reference.measure()
+        print(f"\nmemory: {source.name} ({short['frames']} frames) peak RSS {short['rss']:.0f} MiB; looped to "
+              f"{long['frames']} frames ({args.loop_minutes:g} min): peak RSS {long['rss']:.0f} MiB "
+              f"({long['rss'] / short['rss'] - 1:+.1%}); looped run {long['fps']:.1f} frames/s = "
+              f"{long['fps'] / after:.2f} x the reference timed after it ({after:.2f} img/s)")
+
+
+def agreement(args: argparse.Namespace, checkpoint: Path, precision: str, videos: list[Path]) -> None:
+    """Share of equal AU decisions and mean |delta p| between --precision fp32 and ``precision``."""
+    import numpy as np
+
+    from aucli.pipeline import Detector
+
+    tables = {}
+    for name in ("fp32", precision):
+        detector = Detector(checkpoint, device=args.device, batch_size=args.batch_size, precision=name,
+                            redetect=args.redetect or 8)
+        tables[name] = [detector.run(video) for video in videos]
+        del detector
+    print(f"\nagreement of --precision {precision} with fp32 (checkpoint {checkpoint}):")
+    print("| video | frames with a face | equal AU decisions | mean abs delta p | max abs delta p |")
+    print("|---|---:|---:|---:|---:|")
+    equal_all, delta_all = [], []
+    for video, a, b in zip(videos, tables["fp32"], tables[precision]):
+        assert len(a) == len(b) and (a["success"] == b["success"]).all(), "faces must not depend on precision"
+        found = a["success"] == 1
+        c_cols = [c for c in a.columns if c.endswith("_c")]
+        p_cols = [c for c in a.columns if c.endswith("_p")]
+        equal = (a.loc[found, c_cols].to_numpy() == b.loc[found, c_cols].to_numpy()).ravel()
+        delta = np.abs(a.loc[found, p_cols].to_numpy(float) - b.loc[found, p_cols].to_numpy(float)).ravel()
+        equal_all.append(equal)
+        delta_all.append(delta)
+        if len(delta):
+            print(f"| {video.name} | {int(found.sum())} | {equal.mean():.2%} | {delta.mean():.4f} | {delta.max():.4f} |")
+        else:
+            print(f"| {video.name} | 0 | - | - | - |")
+    equal, delta = np.concatenate(equal_all), np.concatenate(delta_all)
+    print(f"all: {equal.mean():.2%} of {len(equal)} AU decisions equal, mean |delta p| {delta.mean():.4f}, "
+          f"max {delta.max():.4f} (goal: >= 99.5 % and <= 0.01)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="all", help="cpu, cuda or all (cuda only when present)")
-    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--backbone", default="resnet50", help="backbone of the random model (no --checkpoint)")
     parser.add_argument("--checkpoint", type=Path, help="time this checkpoint instead of a random one")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--redetect", type=int, help="aucli detect --redetect (default: aucli's)")
     parser.add_argument("--videos", nargs="*", default=SAMPLES, help="names in sample_videos/videos or paths")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--loop-minutes", type=float, help="also run the first video looped to this length")
+    parser.add_argument("--agreement", action="store_true", help="compare with --precision fp32 instead of timing")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-    videos = [p if p.exists() else ROOT / "sample_videos" / "videos" / p.name for p in map(Path, args.videos)]
-
     print(machine())
+    print(load())
+    precision = resolve_precision(args.precision, torch.device(args.device))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        checkpoint = args.checkpoint
-        if checkpoint is None:
-            checkpoint = random_checkpoint(tmp / f"random_{args.backbone}.pt", args.backbone)
-        for device in devices:
-            detector = Detector(checkpoint, device=device, batch_size=args.batch_size)
-            meta = detector.model.metadata
-            print(f"\ndevice {device}: {meta.backbone}, T={meta.clip_length}, k={meta.k}, "
-                  f"batch size {args.batch_size}")
-            print("| video | frames | with face | frames/s | decode s | faces s | model s | write s "
-                  "| peak RSS MiB | peak CUDA MiB |")
-            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-            for video in videos:
-                r = bench(detector, video, tmp)
-                cuda = f"{r['cuda']:.0f}" if r["cuda"] is not None else "-"
-                print(f"| {r['video']} | {r['frames']} | {r['face']:.0%} | {r['fps']:.1f} | {r['decode']:.1f} "
-                      f"| {r['faces']:.1f} | {r['model']:.1f} | {r['write']:.2f} | {r['rss']:.0f} | {cuda} |",
-                      flush=True)
+        checkpoint = args.checkpoint or random_checkpoint(tmp / f"random_{args.backbone}.pt", args.backbone)
+        print(f"checkpoint: {args.checkpoint or f'random BP4D MDHR, {args.backbone}, T=16, k=5'}; "
+              f"--precision {args.precision} -> {precision}; batch size {args.batch_size}; device {args.device}")
+        videos = resolve_videos(args.videos)
+        if args.agreement:
+            agreement(args, checkpoint, precision, videos)
+        else:
+            speed(args, checkpoint, precision, videos, tmp)
+    print(load())
 
 
 if __name__ == "__main__":

@@ -110,3 +110,49 @@ def test_pretrained_weights_are_read_from_the_local_cache_offline(offline_hub):
     backbone = Backbone("resnet18", pretrained=True)
     for key, value in backbone.model.state_dict().items():
         torch.testing.assert_close(value, source.state_dict()[key])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet_tiny"])
+def test_resnets_are_timms_without_importing_it(name):
+    """aucli writes its ResNets out (so detect starts without timm); they must be timm's:
+    the same keys in the same order, the same random initialisation to the bit for the
+    same seed, the same outputs."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    from aucli.model.resnet import RESNETS
+
+    torch.manual_seed(0)
+    if name == "resnet_tiny":
+        reference = ResNet(BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), num_classes=0,
+                           zero_init_last=False)
+    else:
+        reference = timm.create_model(name, pretrained=False, num_classes=0, zero_init_last=False)
+    torch.manual_seed(0)
+    ours = RESNETS[name]()
+    theirs, mine = reference.state_dict(), ours.state_dict()
+    assert list(mine) == list(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert [f["num_chs"] for f in ours.feature_info] == [f["num_chs"] for f in reference.feature_info]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference.eval().forward_features(x)
+        got = ours.eval()(x)
+    assert torch.equal(got, expected)
+
+
+def test_detect_does_not_import_timm_or_torchvision(tmp_path):
+    """Both import torch._dynamo: seconds of start-up that a ResNet detect run does not need."""
+    import subprocess
+    import sys
+
+    from media_fixtures import ROOT, tiny_checkpoint
+
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pt")
+    code = (
+        "import sys; from aucli.pipeline import Detector; from aucli.detect_cli import run_detect; "
+        f"Detector({str(checkpoint)!r}, device='cpu'); "
+        "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo', 'facenet_pytorch') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -117,6 +117,7 @@ def test_metadata_in_attrs(tables, checkpoint):
     assert (video["width"], video["height"], video["frame_count"], video["rotation"]) == (640, 360, 72, 0)
     assert video["fps"] == pytest.approx(30.0) and video["duration"] == pytest.approx(2.4)
     assert attrs["aucli_version"] == aucli.__version__
+    assert model["precision"] in ("fp32", "bf16") and model["redetect"] == 8
     assert attrs["summary"]["frames"] == 72 and attrs["summary"]["frames_with_face"] == 72
     assert set(attrs["summary"]["stages"]) == {"decode", "faces", "model"}
 
@@ -136,10 +137,14 @@ def test_json_and_csv_hold_the_same_table(tables, tmp_path):
     assert ",," in csv_path.read_text().splitlines()[-1]  # empty AU cells without a face
 
 
-def test_batch_size_does_not_change_results(tables, checkpoint):
-    reference = tables("single_face.mp4")
-    for batch_size in (1, 5):
-        table = Detector(checkpoint, device="cpu", batch_size=batch_size).run(VIDEOS / "single_face.mp4")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_batch_size_does_not_change_results(checkpoint, precision):
+    tables = [
+        Detector(checkpoint, device="cpu", batch_size=batch_size, precision=precision).run(VIDEOS / "single_face.mp4")
+        for batch_size in (8, 1, 5)
+    ]
+    reference = tables[0]
+    for table in tables[1:]:
         assert np.abs(table[P_COLUMNS].to_numpy() - reference[P_COLUMNS].to_numpy()).max() <= 1e-4
         pd.testing.assert_frame_equal(table.drop(columns=P_COLUMNS), reference.drop(columns=P_COLUMNS))
 
@@ -361,6 +366,19 @@ def test_cli_writes_json_and_csv_that_agree(tmp_path, monkeypatch, capsys, check
     header = json.loads((tmp_path / "r.json").read_text())
     assert header["model"]["checkpoint"] == str(checkpoint) and header["video"]["frame_count"] == 72
     assert not list(tmp_path.glob(".*part"))  # no temporary files left
+
+
+def test_precision_and_redetect_options(tmp_path, monkeypatch, capsys, checkpoint):
+    clip = make_video(tmp_path / "clip.mp4")
+    code, _ = run_cli(monkeypatch, capsys, "detect", clip, "-o", tmp_path / "r.json", "--checkpoint", checkpoint,
+                      "--precision", "fp32", "--redetect", "1", "-q")
+    assert code == 0
+    header = json.loads((tmp_path / "r.json").read_text())
+    assert header["model"]["precision"] == "fp32" and header["model"]["redetect"] == 1
+    for option, value in (("--precision", "fp16"), ("--redetect", "0")):
+        code, err = run_cli(monkeypatch, capsys, "detect", clip, "--checkpoint", checkpoint, option, value)
+        assert code == 2 and option in err and "Traceback" not in err
+    assert not (tmp_path / "clip.csv").exists()
 
 
 def test_truncated_video_keeps_frames_and_warns(tmp_path, monkeypatch, capsys, checkpoint):

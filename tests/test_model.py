@@ -96,3 +96,18 @@ def test_sliding_window_stages_compose_to_forward():
         )
         staged, _ = model.predict_window(codes.static[None], motion[None])
     torch.testing.assert_close(staged, direct, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_temporal_pool_is_the_reference_avgpool3d(k):
+    """MFD pools by summing shifted slices (faster); the reference's AvgPool3d, zero
+    padding and divisor 2k included, must come out to the bit (spec §2.3)."""
+    from aucli.model.mfd import MFD
+
+    x = torch.randn(2, 2 * k + 7, 8, 7, 7, generator=torch.Generator().manual_seed(k))
+    expected = torch.nn.functional.avg_pool3d(
+        x.transpose(1, 2), (2 * k, 1, 1), stride=1, padding=(k, 0, 0)
+    ).transpose(1, 2)
+    got = MFD(c1=1, out_features=4, k=k).temporal_pool(x)
+    assert got.shape == (2, 2 * k + 8, 8, 7, 7)
+    assert torch.equal(got, expected)

@@ -1,6 +1,7 @@
 """Backbones behind one interface: a final 7x7 token map plus four multi-scale maps (spec §1.1).
 
-Every backbone is a timm model. The rest of MDHR only sees
+ResNets are built in aucli/model/resnet.py (timm's architecture, names and
+initialisation, without importing timm); Swin comes from timm. The rest of MDHR only sees
 ``BackboneOutput(tokens (M, 49, C_L), maps [f1..f4])`` where ``f_l`` has
 ``C1 * 2**(l-1)`` channels on a ``56 / 2**(l-1)`` grid for 224x224 input.
 """
@@ -11,21 +12,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
 from ..errors import AucliError
+from .resnet import RESNETS
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """How to build one named backbone from timm."""
+    """One named backbone: its timm model (Swin; ImageNet weights for all) and family."""
 
     timm_name: str
-    family: str  # "resnet" or "swin"
+    family: str  # "resnet" (built by model/resnet.py) or "swin"
     pretrained_tag: str | None = None  # timm weights matching the reference's ImageNet start
-    kwargs: tuple[tuple[str, object], ...] = ()
     default_drop_path: float = 0.0
 
 
@@ -41,9 +41,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "swin_tiny": BackboneSpec(
         "swin_tiny_patch4_window7_224", "swin", "ms_in1k", default_drop_path=0.2
     ),
-    "resnet_tiny": BackboneSpec(
-        "resnet18", "resnet", None, kwargs=(("layers", (1, 1, 1, 1)), ("channels", (16, 32, 64, 128)))
-    ),
+    "resnet_tiny": BackboneSpec("resnet18", "resnet", None),  # layers and channels: model/resnet.py
 }
 
 
@@ -59,7 +57,7 @@ def _tokens_to_map(x: torch.Tensor) -> torch.Tensor:
 
 
 class Backbone(nn.Module):
-    """A timm ResNet or Swin that exposes the taps MDHR needs."""
+    """A ResNet or a timm Swin that exposes the taps MDHR needs."""
 
     def __init__(
         self,
@@ -74,20 +72,13 @@ class Backbone(nn.Module):
         spec = BACKBONES[name]
         self.name = name
         self.family = spec.family
-        kwargs = dict(spec.kwargs)
         if spec.family == "resnet":
-            # torchvision (the reference's ResNet) keeps the last BN of each block at 1;
-            # timm's zero init would starve the residual branches at a random start.
-            kwargs["zero_init_last"] = False
-        if spec.family == "resnet" and "layers" in kwargs:
-            from timm.models.resnet import BasicBlock, ResNet
-
-            self.model = ResNet(BasicBlock, num_classes=0, **kwargs)
+            self.model = RESNETS[name]()
         else:
+            import timm  # imports torchvision and torch._dynamo: seconds, so only for Swin
+
             dpr = spec.default_drop_path if drop_path_rate is None else drop_path_rate
-            if spec.family == "swin":
-                kwargs["drop_path_rate"] = dpr
-            self.model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
+            self.model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, drop_path_rate=dpr)
         if pretrained:
             self.load_pretrained(spec)
         if weights_file is not None:
@@ -121,6 +112,8 @@ class Backbone(nn.Module):
         retries (about a minute)."""
         if spec.pretrained_tag is None:
             raise AucliError(f"backbone {self.name!r} has no ImageNet weights to start from")
+        import timm
+
         tag = f"{spec.timm_name}.{spec.pretrained_tag}"
         advice = "connect to the network, or pass --backbone-weights FILE with a local copy"
         cached = _cached_weights(tag)

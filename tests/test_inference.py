@@ -1,0 +1,104 @@
+"""The model as detect runs it: precision choice, BatchNorm folding, fp32 and bf16 agreement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from media_fixtures import VIDEOS, one_torch_thread, tiny_checkpoint, tiny_model  # noqa: F401
+
+import aucli.inference as inference
+from aucli.errors import UsageError
+from aucli.faces import face_to_tensor
+from aucli.inference import InferenceModel, fold_batchnorm, resolve_precision
+from aucli.pipeline import Detector
+from aucli.windows import WindowPredictor, window_positions
+
+
+@pytest.mark.parametrize(
+    "machine, flags, expected",
+    [
+        ("x86_64", {"avx512f", "avx512_bf16"}, "bf16"),  # e.g. AMD Zen 4, Intel Cooper Lake
+        ("x86_64", {"avx512f", "amx_bf16", "amx_tile"}, "bf16"),  # Intel Sapphire Rapids
+        ("x86_64", {"avx2", "fma"}, "fp32"),  # no native bf16: emulated, slower
+        ("x86_64", set(), "fp32"),  # no /proc/cpuinfo
+        ("aarch64", {"bf16", "asimd"}, "fp32"),  # not measured: stay on fp32
+    ],
+)
+def test_auto_precision_follows_what_the_cpu_reports(monkeypatch, machine, flags, expected):
+    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(inference.platform, "machine", lambda: machine)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(UsageError, match="--precision fp16"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_cpu_flags_come_from_proc_cpuinfo():
+    flags = inference.cpu_flags()
+    assert isinstance(flags, frozenset)
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        assert flags == frozenset()
+        return
+    if "flags" in text:
+        assert "fpu" in flags or "sse2" in flags
+
+
+def test_folding_batchnorm_keeps_the_function():
+    model = tiny_model(12, 2)  # random BN statistics: a wrong fold shows
+    frames = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        before = model.backbone(frames)
+        batchnorms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+        fold_batchnorm(model.backbone)
+        after = model.backbone(frames)
+    assert batchnorms > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    for a, b in zip(before.maps, after.maps):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def _predict(runner, faces: np.ndarray, clip_length: int) -> np.ndarray:
+    predictor = WindowPredictor(runner, clip_length, face_to_tensor, batch_size=5)
+    for i, face in enumerate(faces):
+        predictor.add("segment", i, face)
+    predictor.flush()
+    return np.stack([p for _, p in sorted(predictor.pop_results())])
+
+
+def test_fp32_runner_matches_the_plain_model_and_bf16_stays_close():
+    clip_length, k = 12, 2
+    faces = np.random.default_rng(0).integers(0, 256, (20, 64, 64, 3), dtype=np.uint8)
+    plain = tiny_model(clip_length, k)
+    with torch.inference_mode():
+        expected = []
+        for i in range(len(faces)):
+            window, position = window_positions(i, len(faces), clip_length, k)
+            expected.append(plain(face_to_tensor(faces[window])[None])[0, position].numpy())
+    expected = np.stack(expected)
+    fp32 = InferenceModel(tiny_model(clip_length, k), "fp32")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fp32.model.backbone.modules())
+    np.testing.assert_allclose(_predict(fp32, faces, clip_length), expected, atol=1e-5, rtol=0)
+    bf16 = InferenceModel(tiny_model(clip_length, k), "bf16")
+    assert next(bf16.model.backbone.parameters()).dtype == torch.bfloat16
+    assert bf16.model.classifier.prototypes.dtype == torch.float32  # the head stays in fp32
+    got = _predict(bf16, faces, clip_length)
+    assert got.dtype == np.float32
+    difference = np.abs(got - expected)
+    assert 0 < difference.max() < 0.01 and difference.mean() < 0.002  # measured: 1.2e-3, 2e-4
+
+
+def test_detect_precisions_agree_and_are_recorded(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pt")
+    tables = {
+        p: Detector(checkpoint, device="cpu", precision=p).run(VIDEOS / "single_face.mp4") for p in ("fp32", "bf16")
+    }
+    fp32, bf16 = tables["fp32"], tables["bf16"]
+    assert fp32.attrs["model"]["precision"] == "fp32" and bf16.attrs["model"]["precision"] == "bf16"
+    assert (fp32["success"] == bf16["success"]).all()
+    p_columns = [c for c in fp32.columns if c.endswith("_p")]
+    delta = (fp32[p_columns] - bf16[p_columns]).abs().to_numpy()
+    assert delta.mean() < 0.01
