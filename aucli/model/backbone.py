@@ -187,6 +187,7 @@ class Backbone(nn.Module):
 
 def _cached_weights(tag: str) -> str | None:
     """The weights file of a timm tag in the local Hugging Face cache, if it is there."""
+    import timm  # here only: it imports torchvision and torch._dynamo (seconds)
     from huggingface_hub import try_to_load_from_cache
 
     hub_id = timm.models.get_pretrained_cfg(tag).hf_hub_id
