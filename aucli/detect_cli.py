@@ -213,6 +213,17 @@ def _run_detect(
         raise setup_error
     # Said once, with the first result, so that a failing run still ends in one error line.
     model_line = f"model {detector.checkpoint}: {describe(detector.model.metadata)}"
+
+    def show(kind: str, text: str) -> None:
+        """Print a warning, error or (unless quiet) summary; the model line before the first summary."""
+        nonlocal model_line
+        if kind != "summary":
+            console.print(f"aucli: {kind}: {text}")
+        elif not quiet:
+            if model_line:
+                console.print(f"aucli: {model_line}")
+                model_line = ""
+            console.print(text)
     writer = get_writer(format)
     owners = share([_size(job.source) for job in jobs], processes.world)
     # What this process reports, by job: ("error" | "warning" | "summary", text).
@@ -256,25 +267,13 @@ def _run_detect(
         reports.extend(lines)
         if alone:
             for _, kind, text in lines:
-                if kind == "warning":
-                    console.print(f"aucli: warning: {text}")
-                elif not quiet:
-                    if model_line:
-                        console.print(f"aucli: {model_line}")
-                        model_line = ""
-                    console.print(text)
+                show(kind, text)
     if not alone:
         gathered = processes.gather((reports, frames, time.perf_counter() - started))
         reports = sorted(r for part, _, _ in gathered for r in part)
         if processes.leader:
             for _, kind, text in reports:
-                if kind != "summary":
-                    console.print(f"aucli: {kind}: {text}")
-                elif not quiet:
-                    if model_line:
-                        console.print(f"aucli: {model_line}")
-                        model_line = ""
-                    console.print(text)
+                show(kind, text)
             if not quiet:
                 total = sum(f for _, f, _ in gathered)
                 seconds = max(s for _, _, s in gathered)
