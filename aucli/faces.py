@@ -78,7 +78,10 @@ class FaceDetector:
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(images):
             by_shape.setdefault(image.shape, []).append(i)
-        with cpu_threads(self.device, 1):
+        # One frame is many small operations: one thread. A group of frames makes them
+        # large enough for all the process's threads: on 2 idle cores the face stage ran
+        # 1.4-1.6x faster on the 960x540 samples, where most groups hold no face.
+        with cpu_threads(self.device, 1 if len(images) == 1 else torch.get_num_threads()):
             for indices in by_shape.values():
                 found = self._mtcnn.detect(np.stack([images[i] for i in indices]))
                 for i, (boxes, landmarks, seen) in zip(indices, found):
@@ -189,7 +192,7 @@ def _place(landmarks: np.ndarray, anchor: np.ndarray) -> np.ndarray:
 def cpu_threads(device: torch.device, threads: int) -> Iterator[None]:
     """Run torch on ``threads`` CPU threads inside the block (no effect on other devices).
 
-    The face stage is many small operations; on 2 cores, splitting each across
+    Following a face is many small operations; on 2 cores, splitting each across
     threads cost more in waiting than it gained, and far more so when another
     process held a core (~20 ms instead of ~0.2 ms per crop).
     """
