@@ -308,6 +308,45 @@ def train_command(
     train(cfg, resume=resume, stop_after=stop_after, quiet=quiet)
 
 
+@app.command("pretrain")
+def pretrain_command(
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Prepared data (aucli prepare)."),
+    dataset: DatasetLayout = typer.Option(DatasetLayout.videos, "--dataset", "-d", help="Dataset layout."),
+    fold: int = typer.Option(1, "--fold", "-f", min=1, max=3, help="Fold whose training list is used."),
+    backbone: str = typer.Option("resnet18", "--backbone", "-b", help="Backbone to pretrain (as for train)."),
+    size: int = typer.Option(112, "--size", min=32, help="Input side in pixels while pretraining."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Frames per step."),
+    epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over every training frame."),
+    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (AdamW; warm-up, then cosine to 0)."),
+    weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW decoupled weight decay."),
+    val_fraction: float = typer.Option(0.15, "--val-fraction", min=0.0, max=0.9,
+                                       help="Share of training subjects held out (as aucli train holds them out)."),
+    seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(1, "--workers", min=0, help="Data-loading processes."),
+    cpu_amp: bool = typer.Option(True, "--cpu-amp/--no-cpu-amp", help="bf16 autocast on the CPU."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    project: Path = typer.Option(Path("runs/pretrain"), "--project", help="Folder of runs."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run name (default <backbone>_<size>px); never overwritten."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run from its last.pt (other options ignored)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+) -> None:
+    """Pretrain a backbone on single frames (no ImageNet needed); start `train` from it with --backbone-weights."""
+    from .errors import UsageError
+    from .pretrain import PretrainConfig, pretrain
+
+    if resume is None and data_root is None:
+        raise UsageError("--data-root is required (a folder written by aucli prepare)")
+    cfg = PretrainConfig(
+        data_root=str(data_root), dataset=dataset.value, fold=fold, backbone=backbone, size=size,
+        batch_size=batch_size, epochs=epochs, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction,
+        seed=seed, workers=workers, cpu_amp=cpu_amp, device=_device_option(device), project=str(project), name=name,
+    )
+    result = pretrain(cfg, resume=resume, quiet=quiet)
+    if not quiet:
+        typer.echo(f"best epoch {result['best']['epoch']} (val F1 {result['best']['mean_f1']:.1f}); start MDHR from it "
+                   f"with: aucli train --backbone-weights {result['backbone']} ...", err=True)
+
+
 @app.command("eval")
 def eval_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint written by aucli train (best.pt)."),

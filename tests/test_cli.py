@@ -64,3 +64,16 @@ def test_unknown_option_is_a_usage_error_without_traceback():
     out = _run("detect", "--no-such-option")
     assert out.returncode == 2
     assert "No such option" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_pretrain_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    out = _run("pretrain", cwd=tmp_path)
+    assert out.returncode == 2 and "--data-root" in out.stderr and "Traceback" not in out.stderr
+    out = _run("pretrain", "--data-root", str(tmp_path / "nothing"), "--project", str(tmp_path / "runs"))
+    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists()
+    junk = tmp_path / "last.pt"
+    junk.write_bytes(b"not a checkpoint")
+    out = _run("pretrain", "--resume", str(junk))
+    assert out.returncode == 1 and "not the last.pt of an aucli pretrain run" in out.stderr
+    assert out.stderr.strip().count("\n") == 0

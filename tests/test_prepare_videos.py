@@ -116,3 +116,54 @@ def test_train_and_eval_on_prepared_videos(prepared, tmp_path):
     assert evaluated.metrics.aus == [f"AU{a:02d}" for a in (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 25,
                                                             26, 45)]
     assert evaluated.metrics.mean_f1 == pytest.approx(result["test"]["mean_f1"], abs=1e-6)
+
+
+def test_pretrain_then_train_from_its_backbone(prepared, tmp_path):
+    """`aucli pretrain` learns a backbone from single frames; `train --backbone-weights` starts from it."""
+    import torch
+
+    from aucli.checkpoint import load_tensors
+    from aucli.model import MDHR
+    from aucli.pretrain import PretrainConfig, pretrain
+    from aucli.train import TrainConfig, train
+
+    cfg = PretrainConfig(data_root=str(prepared), backbone="resnet_tiny", size=48, batch_size=16, epochs=2,
+                         lr=5e-3, warmup_steps=2, workers=0, project=str(tmp_path / "pre"), name="p")
+    result = pretrain(cfg, quiet=True)
+    log = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert len(log[0]["val"]["f1"]) == 17
+    saved = load_tensors(result["backbone"])
+    assert saved["source"]["epoch"] == result["best"]["epoch"]
+    model = MDHR("openface", backbone="resnet_tiny", feature_dim=64, k=2, backbone_weights=result["backbone"])
+    for key, value in saved["model"].items():
+        assert torch.equal(model.backbone.model.state_dict()[key], value), key
+    # A fresh model differs, so the equality above says the file was loaded.
+    fresh = MDHR("openface", backbone="resnet_tiny", feature_dim=64, k=2).backbone.model.state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in saved["model"].items())
+
+    trained = train(TrainConfig(dataset="videos", data_root=str(prepared), backbone="resnet_tiny", feature_dim=64,
+                                clip_length=6, k=2, batch_size=2, epochs=1, backbone_weights=result["backbone"],
+                                select_on_test=True, workers=0, project=str(tmp_path / "runs"), name="t"),
+                    quiet=True)
+    assert (Path(trained["run_dir"]) / "best.pt").is_file()
+
+
+def test_pretrain_resumes_to_the_uninterrupted_result(prepared, tmp_path):
+    import torch
+
+    from aucli.checkpoint import load_tensors
+    from aucli.pretrain import PretrainConfig, pretrain
+
+    def config(name):
+        return PretrainConfig(data_root=str(prepared), backbone="resnet_tiny", size=40, batch_size=16, epochs=2,
+                              warmup_steps=2, workers=0, project=str(tmp_path), name=name)
+
+    whole = pretrain(config("whole"), quiet=True)
+    cut = pretrain(config("cut"), stop_after=1, quiet=True)
+    assert cut["stopped_at"] == 1 and not (Path(cut["run_dir"]) / "results.json").exists()
+    resumed = pretrain(config("ignored"), resume=Path(cut["run_dir"]) / "last.pt", quiet=True)
+    assert resumed["run_dir"] == cut["run_dir"]
+    a = load_tensors(Path(whole["run_dir"]) / "last.pt")["model"]
+    b = load_tensors(Path(cut["run_dir"]) / "last.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
