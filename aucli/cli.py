@@ -328,6 +328,9 @@ def pretrain_command(
     project: Path = typer.Option(Path("runs/pretrain"), "--project", help="Folder of runs."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default <backbone>_<size>px); never overwritten."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run from its last.pt (other options ignored)."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after-epochs", min=1,
+                                             help="End after N epochs of this invocation, resumable from last.pt "
+                                             "(the schedule stays that of --epochs)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Pretrain a backbone on single frames (no ImageNet needed); start `train` from it with --backbone-weights."""
@@ -341,7 +344,13 @@ def pretrain_command(
         batch_size=batch_size, epochs=epochs, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction,
         seed=seed, workers=workers, cpu_amp=cpu_amp, device=_device_option(device), project=str(project), name=name,
     )
-    result = pretrain(cfg, resume=resume, quiet=quiet)
+    result = pretrain(cfg, resume=resume, stop_after=stop_after, quiet=quiet)
+    if "stopped_at" in result:
+        if not quiet:
+            typer.echo(f"stopped after epoch {result['stopped_at']}; best so far: epoch {result['best']['epoch']} "
+                       f"in {result['run_dir']}/backbone.pt; continue with: aucli pretrain --resume "
+                       f"{result['run_dir']}/last.pt", err=True)
+        return
     if not quiet:
         typer.echo(f"best epoch {result['best']['epoch']} (val F1 {result['best']['mean_f1']:.1f}); start MDHR from it "
                    f"with: aucli train --backbone-weights {result['backbone']} ...", err=True)
