@@ -6,6 +6,7 @@ that ``aucli --help`` answers at once.
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -136,6 +137,27 @@ def main() -> None:
         raise
 
 
+# Set by a command whose work is complete and whose files are all closed: the process may
+# then end without Python's shutdown, which frees torch's modules one by one.
+_finished = False
+
+
+def entry() -> None:
+    """The ``aucli`` program (console script and ``python -m aucli``): ``main``, and after a
+    finished ``detect`` an immediate exit. Tearing down the interpreter once torch is imported
+    took 0.46 s of every run on the 2-core development machine; output is flushed first.
+    """
+    try:
+        main()
+    except SystemExit as done:
+        if not _finished:
+            raise
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 # Commands added by other modules of the CLI go below this line.
 
 
@@ -203,6 +225,8 @@ def detect(
         checkpoint=checkpoint, device=device, batch_size=batch_size, faces=faces.value,
         threshold=threshold, fps=fps, precision=precision.value, redetect=redetect,
     )
+    global _finished
+    _finished = True  # every table and overlay is written and closed (detect_cli.run_detect)
     # SystemExit, not typer.Exit: in non-standalone mode click returns Exit's code instead of exiting.
     raise SystemExit(status)
 

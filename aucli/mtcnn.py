@@ -240,8 +240,11 @@ class MTCNN(nn.Module):
         """P-Net over the image pyramid -> candidate boxes (n, 5), squared, and their image."""
         height, width = batch.shape[-2:]
         found, owners = [], []
+        # Whole frames: torch's pooling (a matrix product would cost more here), on a
+        # contiguous copy: on the channels-last view of the decoded pixels the pyramid of a
+        # 640x360 frame took 7-11 ms instead of 4.4 (same values, one thread).
+        batch = batch.contiguous()
         for scale in self._scales(height, width):
-            # Whole frames: torch's pooling (a matrix product would cost more here).
             level = F.interpolate(batch, size=(int(height * scale + 1), int(width * scale + 1)), mode="area")
             offsets, probs = self.pnet(_normalise(level))
             hits = (probs[:, 1] >= THRESHOLDS[0]).nonzero()  # (n, 3): image, y, x of 12x12 cells

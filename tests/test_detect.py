@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 
@@ -409,3 +410,23 @@ def test_interrupted_write_leaves_no_file(tmp_path, tables, monkeypatch):
         writer.write(table, target)
     assert target.read_text() == "previous complete result\n"
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_program_exits_at_once_after_detect_with_everything_written(tmp_path, checkpoint):
+    """``python -m aucli detect`` ends without Python's shutdown (aucli.cli.entry): the
+    tables are complete, stderr is flushed, the exit status is kept; other commands end as usual."""
+    import subprocess
+
+    clip = shutil.copy(VIDEOS / "single_face.mp4", tmp_path / "clip.mp4")
+    command = [sys.executable, "-m", "aucli", "detect", str(clip), str(tmp_path / "gone.mp4"),
+               "-o", str(tmp_path / "out"), "--format", "json", "--checkpoint", str(checkpoint), "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # as the in-process tests (one_torch_thread)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1, done.stderr  # one input failed
+    assert "72 frames, 100% with a face" in done.stderr and done.stderr.rstrip().endswith("no such file or directory")
+    table = read_table(tmp_path / "out" / "clip.json")
+    assert len(table) == 72 and table["success"].all()
+    done = subprocess.run(command[:5] + command[6:], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and "72 frames" in done.stderr, done.stderr
+    version = subprocess.run([sys.executable, "-m", "aucli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("aucli ")

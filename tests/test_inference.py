@@ -11,6 +11,7 @@ import aucli.inference as inference
 from aucli.errors import UsageError
 from aucli.faces import face_to_tensor
 from aucli.inference import InferenceModel, fold_batchnorm, resolve_precision
+from aucli.model.resnet import BasicBlock, Bottleneck, ResNet
 from aucli.pipeline import Detector
 from aucli.windows import WindowPredictor, window_positions
 
@@ -59,6 +60,47 @@ def test_folding_batchnorm_keeps_the_function():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
     for a, b in zip(before.maps, after.maps):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("block", [BasicBlock, Bottleneck])
+def test_fused_convolution_relu_gives_the_same_bits(block, precision):
+    if not inference._ResNetFused.available(torch.device("cpu")):
+        pytest.skip("this torch has no oneDNN pointwise convolution")
+    torch.manual_seed(0)
+    resnet = ResNet(block, (2, 1, 1, 1), (8, 16, 32, 64)).eval()
+    for module in resnet.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+    fold_batchnorm(resnet)
+    dtype = inference.DTYPES[precision]
+    resnet.to(dtype, memory_format=torch.channels_last)
+    frames = torch.randn(3, 3, 64, 64).to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        x = resnet.maxpool(resnet.act1(resnet.bn1(resnet.conv1(frames))))  # Backbone.forward's ResNet path
+        expected = []
+        for layer in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
+            x = layer(x)
+            expected.append(x)
+        got = inference._ResNetFused(resnet)(frames)
+    assert len(got.maps) == 4
+    for a, b in zip(got.maps, expected):
+        assert a.dtype == dtype and torch.equal(a, b)
+    assert torch.equal(got.tokens, expected[-1].flatten(2).transpose(1, 2))
+
+
+def test_runner_uses_the_fused_backbone_on_the_cpu():
+    runner = InferenceModel(tiny_model(12, 2), "bf16")
+    frames = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    if inference._ResNetFused.available(torch.device("cpu")):
+        assert isinstance(runner._backbone, inference._ResNetFused)
+    with torch.inference_mode():
+        fused = runner.encode_frames(frames)
+        runner._backbone = runner.model.backbone
+        plain = runner.encode_frames(frames)
+    assert torch.equal(fused.static, plain.static)
+    assert all(torch.equal(a, b) for a, b in zip(fused.maps, plain.maps))
 
 
 def _predict(runner, faces: np.ndarray, clip_length: int) -> np.ndarray:

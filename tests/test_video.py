@@ -42,6 +42,20 @@ def test_samples_decode_every_frame_with_pts_timestamps(name):
     assert reader.warnings == []  # no_face.mp4's edit list is not a break
 
 
+@pytest.mark.parametrize("name", ["WolfgangLanger_Pexels.mp4", "face_noface.mov"])
+def test_pixels_equal_pyav_rgb24(name):
+    """The reused one-thread RGB converter gives PyAV's own ``to_ndarray(format="rgb24")``
+    pixels (H.264 and HEVC)."""
+    with av.open(str(VIDEOS / name)) as container:
+        stream = container.streams.video[0]
+        expected = [f.to_ndarray(format="rgb24") for _, f in zip(range(40), container.decode(stream))]
+    with open_video(VIDEOS / name) as reader:
+        images = [f.image for _, f in zip(range(40), reader)]
+    assert len(images) == len(expected) == 40
+    for image, want in zip(images, expected):
+        assert image.dtype == np.uint8 and np.array_equal(image, want)
+
+
 def test_hevc_audio_first_variable_rate():
     path = VIDEOS / "face_noface.mov"
     with av.open(str(path)) as container:
