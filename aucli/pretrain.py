@@ -201,15 +201,17 @@ def pretrain(cfg: PretrainConfig, *, resume: str | Path | None = None, stop_afte
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item()
+            value = loss.item()  # one read of the loss per step
+            total += value
             frames += len(images)
-            display.step(step + 1, loss.item(), lr, frames)
+            display.step(step + 1, value, lr, frames)
         probs = predict_frames(model, val_split, cfg.size, device, amp_dtype)
         # Thresholds tuned on the validation persons themselves: a progress signal, not a test figure.
         metrics = au_metrics(au_set, probs, val_split.labels, tune_thresholds(probs, val_split.labels)).to_dict()
         done = epoch + 1
-        record = {"epoch": done, "loss": total / steps_per_epoch, "lr": lr, "seconds": round(time.time() - t0, 1),
-                  "frames_per_s": round(frames / max(time.time() - t0, 1e-9), 1), "val": metrics}
+        seconds = time.time() - t0
+        record = {"epoch": done, "loss": total / steps_per_epoch, "lr": lr, "seconds": round(seconds, 1),
+                  "frames_per_s": round(frames / max(seconds, 1e-9), 1), "val": metrics}
         if metrics["mean_f1"] > best["mean_f1"]:
             best = {"mean_f1": metrics["mean_f1"], "epoch": done}
             torch.save({"model": model.backbone.model.state_dict(), "source": {
