@@ -82,6 +82,7 @@ class Checkpoint:
     metadata: CheckpointMetadata
     state_dict: dict[str, torch.Tensor]
     extra: dict[str, Any]
+    video_head: dict[str, Any] | None = None  # aucli/calibration.py, optional
 
 
 def make_metadata(
@@ -140,9 +141,26 @@ def export_checkpoint(source: str | Path, output: str | Path, *, half: bool = Tr
     state = {k: v.half() if half and v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
     meta = asdict(ckpt.metadata)
     meta["source"] = {**meta["source"], **(source_update or {})}
-    write_atomic(output, {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": meta,
-                          "state_dict": state, "extra": {}})
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": meta,
+               "state_dict": state, "extra": {}}
+    if ckpt.video_head is not None:
+        payload["video_head"] = ckpt.video_head
+    write_atomic(output, payload)
     return ckpt.metadata
+
+
+def save_with_video_head(source: str | Path, output: str | Path, head_state: dict[str, Any],
+                         thresholds: list[float], source_update: dict[str, Any] | None = None) -> CheckpointMetadata:
+    """A copy of ``source`` with a per-video calibration head (aucli/calibration.py) and the
+    thresholds that go with its outputs; training state is dropped."""
+    ckpt = load_checkpoint(source)
+    meta = asdict(ckpt.metadata)
+    meta["thresholds"] = [float(t) for t in thresholds]
+    meta["source"] = {**meta["source"], **(source_update or {})}
+    CheckpointMetadata.from_dict(meta, str(output))
+    write_atomic(output, {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": meta,
+                          "state_dict": ckpt.state_dict, "extra": {}, "video_head": head_state})
+    return CheckpointMetadata.from_dict(meta, str(output))
 
 
 def describe(meta: CheckpointMetadata) -> str:
@@ -225,7 +243,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         meta = CheckpointMetadata.from_dict(obj["metadata"], where)
     except TypeError as exc:
         raise AucliError(f"{where}: malformed metadata ({exc})") from None
-    return Checkpoint(meta, obj["state_dict"], obj.get("extra") or {})
+    return Checkpoint(meta, obj["state_dict"], obj.get("extra") or {}, obj.get("video_head"))
 
 
 def build_model(ckpt: Checkpoint, where: str = "checkpoint") -> torch.nn.Module:
@@ -252,8 +270,17 @@ def build_model(ckpt: Checkpoint, where: str = "checkpoint") -> torch.nn.Module:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load an aucli checkpoint: the MDHR model in eval mode, with ``.metadata`` attached."""
+    """Load an aucli checkpoint: the MDHR model in eval mode, with ``.metadata`` and
+    ``.video_head`` (the per-video calibration head, or None) attached."""
+    from .calibration import head_from_state
+
     ckpt = load_checkpoint(path)
     model = build_model(ckpt, str(path))
     model.metadata = ckpt.metadata
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    head = None if ckpt.video_head is None else head_from_state(ckpt.video_head, str(path))
+    if head is not None and head.num_aus != len(ckpt.metadata.aus):
+        raise AucliError(f"{path}: video_head is for {head.num_aus} AUs, the model has {len(ckpt.metadata.aus)}")
+    # Not a submodule: the model's own state_dict stays MDHR's alone.
+    object.__setattr__(model, "video_head", head)
+    return model

@@ -380,6 +380,46 @@ def pretrain_command(
                    f"with: aucli train --backbone-weights {result['backbone']} ...", err=True)
 
 
+@app.command("calibrate")
+def calibrate_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint written by aucli train (best.pt)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the checkpoint with the head."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Override the checkpoint's data root."),
+    dataset: Optional[DatasetLayout] = typer.Option(None, "--dataset", "-d", help="Override the checkpoint's dataset."),
+    fold: Optional[int] = typer.Option(None, "--fold", "-f", min=1, max=3, help="Override the checkpoint's fold."),
+    hog_components: int = typer.Option(256, "--hog-components", min=1, help="PCA components of the HOG features."),
+    epochs: int = typer.Option(60, "--epochs", min=1, help="Passes over the training frames (Adam)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
+    l2: float = typer.Option(1e-3, "--l2", min=0.0, help="L2 penalty on the head's weights."),
+    val_fraction: float = typer.Option(0.15, "--val-fraction", min=0.0, max=0.9,
+                                       help="Share of training people held out if the checkpoint names none."),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Clips per batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    workers: int = typer.Option(1, "--workers", min=0, help="Data-loading processes."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+) -> None:
+    """Add a per-video calibration head (relative to each face track, as OpenFace calibrates per person)."""
+    import torch
+
+    from .calibration import calibrate_checkpoint
+    from .errors import UsageError
+
+    if output.exists():
+        raise UsageError(f"{output}: already exists; choose another --output or remove it")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    log = (lambda line: None) if quiet else (lambda line: typer.echo(line, err=True))
+    result = calibrate_checkpoint(
+        checkpoint, output, data_root=data_root, dataset=dataset.value if dataset else None, fold=fold,
+        val_fraction=val_fraction, seed=seed, hog_components=hog_components, epochs=epochs, lr=lr, l2=l2,
+        batch_size=batch_size, device=device, workers=workers, log=log)
+    if not quiet:
+        typer.echo(f"validation mean F1 {result['val'].mean_f1:.1f} with the head, "
+                   f"{result['val_without'].mean_f1:.1f} without ({len(result['val_subjects'])} people); "
+                   f"wrote {result['output']}", err=True)
+
+
 @app.command("eval")
 def eval_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint written by aucli train (best.pt)."),

@@ -115,10 +115,13 @@ def _gather(obj: Any) -> list[Any]:
 @torch.no_grad()
 def predict_reference(model: torch.nn.Module, split, clip_length: int, *, batch_size: int = 8,
                       device: str | torch.device = "cpu", workers: int = 0, rank: int = 0,
-                      world_size: int = 1, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+                      world_size: int = 1, autocast_dtype: torch.dtype | None = None,
+                      frame_features=None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Probabilities (F, N) for every frame of `split` from non-overlapping T-frame clips (spec §7.4).
 
     With several processes each takes every world_size-th clip; all get the full result.
+    ``frame_features(frames, final_map) -> (M, D)``: also return those per frame (F, D),
+    from the same backbone pass (the calibration head's inputs, aucli/calibration.py).
     """
     from torch.utils.data import DataLoader, Subset
 
@@ -129,28 +132,45 @@ def predict_reference(model: torch.nn.Module, split, clip_length: int, *, batch_
     loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, shuffle=False)
     was_training = model.training
     model.eval()
-    index, values = [], []
+    index, values, extras = [], [], []
     device = torch.device(device)
-    for batch in loader:
-        clips = batch["clips"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            probs = model(clips)
-        real = batch["real"]
-        index.append(batch["frames"][real].numpy())
-        values.append(probs.float().cpu()[real].numpy())
+    final_maps: list[torch.Tensor] = []
+    hook = None
+    if frame_features is not None:
+        hook = model.backbone.register_forward_hook(lambda _m, _i, out: final_maps.append(out.maps[-1]))
+    try:
+        for batch in loader:
+            clips = batch["clips"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                probs = model(clips)
+            real = batch["real"]
+            index.append(batch["frames"][real].numpy())
+            values.append(probs.float().cpu()[real].numpy())
+            if frame_features is not None:
+                feats = frame_features(clips.flatten(0, 1), final_maps.pop()).float()
+                extras.append(feats.view(*real.shape, -1)[real].numpy())
+    finally:
+        if hook is not None:
+            hook.remove()
     model.train(was_training)
     n = split.au_set.num_aus
+    width = extras[0].shape[1] if extras else 0
     parts = _gather((np.concatenate(index) if index else np.zeros(0, np.int64),
-                     np.concatenate(values) if values else np.zeros((0, n), np.float32)))
+                     np.concatenate(values) if values else np.zeros((0, n), np.float32),
+                     np.concatenate(extras) if extras else np.zeros((0, width), np.float32)))
     out = np.full((len(split), n), np.nan, dtype=np.float32)
-    for idx, val in parts:
+    feats = np.full((len(split), max(p[2].shape[1] for p in parts)), np.nan, dtype=np.float32)
+    for idx, val, extra in parts:
         out[idx] = val
-    return out
+        if extra.shape[1]:
+            feats[idx] = extra
+    return (out, feats) if frame_features is not None else out
 
 
 @torch.no_grad()
 def predict_detect(model: torch.nn.Module, split, clip_length: int, *, batch_size: int = 8,
-                   device: str | torch.device = "cpu", **_: Any) -> np.ndarray:
+                   device: str | torch.device = "cpu", frame_features=None,
+                   **_: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Probabilities (F, N) from detect's sliding windows (aucli.windows) over each test video's crops.
 
     Each video (split as for test clips, spec §7.4) is one track segment; every frame is
@@ -162,21 +182,53 @@ def predict_detect(model: torch.nn.Module, split, clip_length: int, *, batch_siz
 
     model.eval()
     predictor = WindowPredictor(model, clip_length, face_to_tensor, batch_size=batch_size * clip_length,
-                                device=device)
+                                device=device, frame_features=frame_features)
     out = np.full((len(split), split.au_set.num_aus), np.nan, dtype=np.float32)
+    feats: list[tuple[int, np.ndarray]] = []
+
+    def collect() -> None:
+        for i, probs in predictor.pop_results():
+            out[i] = probs
+            if frame_features is not None:
+                feats.append((i, predictor.features.pop(i)))
+
     for v, video in enumerate(split.videos(split_on_gap=split.fmt.split_on_gap)):
         for i in video:
             predictor.add(v, i, read_image(split.image_path(i)))
         predictor.end(v)
-        for i, probs in predictor.pop_results():
-            out[i] = probs
+        collect()
     predictor.flush()
-    for i, probs in predictor.pop_results():
-        out[i] = probs
-    return out
+    collect()
+    if frame_features is None:
+        return out
+    table = np.full((len(split), feats[0][1].shape[0] if feats else 0), np.nan, dtype=np.float32)
+    for i, row in feats:
+        table[i] = row
+    return out, table
 
 
 PREDICTORS = {"reference": predict_reference, "detect": predict_detect}
+
+
+def video_groups(split) -> np.ndarray:
+    """One group id per frame: its video (the calibration head's unit, as a face track in detect)."""
+    return np.unique(np.asarray(split.video_keys), return_inverse=True)[1]
+
+
+def predict_calibrated(model: torch.nn.Module, split, protocol: str = "reference",
+                       **options: Any) -> np.ndarray:
+    """The model's final probabilities (F, N): with a calibration head (``model.video_head``),
+    MDHR's probabilities calibrated per video (aucli/calibration.py); else MDHR's own."""
+    head = getattr(model, "video_head", None)
+    meta = model.metadata
+    if head is None:
+        return PREDICTORS[protocol](model, split, meta.clip_length, **options)
+
+    def frame_features(frames, final_map):
+        return head.frame_features(frames, final_map, meta.mean, meta.std)
+
+    probs, feats = PREDICTORS[protocol](model, split, meta.clip_length, frame_features=frame_features, **options)
+    return head.calibrate(probs, feats, video_groups(split))
 
 
 # ----- evaluating a checkpoint ----------------------------------------------------------------
@@ -223,8 +275,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path | None 
     if get_au_set(fmt.au_set).aus != get_au_set(meta.au_set).aus:
         raise AucliError(f"{checkpoint}: checkpoint is for AU set {meta.au_set}, but {dataset} uses {fmt.au_set}")
     data = load_split(data_root, fmt, split, int(fold))
-    probs = PREDICTORS[protocol](model, data, meta.clip_length, batch_size=batch_size, device=device,
-                                 workers=workers)
+    probs = predict_calibrated(model, data, protocol, batch_size=batch_size, device=device, workers=workers)
     thresholds = meta.thresholds if thresholds is None else thresholds
     metrics = au_metrics(data.au_set, probs, data.labels, thresholds)
     return EvalResult(metrics, fmt.name, int(fold), split, protocol, str(data_root), str(checkpoint))

@@ -125,6 +125,7 @@ class _Record:
     faces: list[TrackedFace]
     probs: list[np.ndarray | None] = field(default_factory=list)
     image: np.ndarray | None = None  # kept only for --overlay, until the row is final
+    features: list[np.ndarray | None] = field(default_factory=list)  # calibration head inputs, if any
 
     @property
     def complete(self) -> bool:
@@ -213,6 +214,8 @@ class Detector:
         # (aucli/inference.py); it rearranges self.model in place for that.
         self.runner = InferenceModel(self.model, self.precision)
         meta = self.model.metadata
+        # Per-video calibration (aucli/calibration.py): rows become final at the end of the video.
+        self.video_head = getattr(self.model, "video_head", None)
         self.labels = [f"AU{au:02d}" for au in meta.aus]
         self.thresholds = np.array(
             [threshold] * len(meta.aus) if threshold is not None else meta.thresholds, np.float64
@@ -232,6 +235,7 @@ class Detector:
             "backbone": meta.backbone,
             "source": meta.source,
             "precision": self.precision,
+            "video_calibration": self.video_head is not None,
         }
 
     def _preprocess(self, faces: np.ndarray) -> torch.Tensor:
@@ -256,12 +260,19 @@ class Detector:
         follower = FaceFollower(self.face_detector, self.redetect)
         tracker = FaceTracker(self.faces)
         aligner = _Aligner(self.smoothing)
+        meta = self.model.metadata
+        head = self.video_head
+        frame_features = None
+        if head is not None:
+            def frame_features(frames, final_map):
+                return head.frame_features(frames, final_map, meta.mean, meta.std)
         predictor = WindowPredictor(
-            self.runner, self.model.metadata.clip_length, self._preprocess, self.batch_size, self.device
+            self.runner, meta.clip_length, self._preprocess, self.batch_size, self.device, frame_features
         )
         records: dict[int, _Record] = {}
         order: deque[int] = deque()
         rows: list[list] = []
+        finished: list[_Record] = []  # with a calibration head: every record, until the video ends
         active: set[int] = set()
 
         def feed(ready: list, ended: set[int] = frozenset()) -> None:
@@ -272,8 +283,13 @@ class Detector:
                     predictor.end(segment)
                 for (index, j), probs in predictor.pop_results():
                     records[index].probs[j] = probs
+                    if head is not None:
+                        records[index].features[j] = predictor.features.pop((index, j))
             while order and records[order[0]].complete:
                 record = records.pop(order.popleft())
+                if head is not None:
+                    finished.append(record)
+                    continue
                 rows.extend(self._rows(record))
                 if drawer is not None:
                     with timer("overlay"):
@@ -284,6 +300,7 @@ class Detector:
             drawer = None
             if overlay is not None:
                 drawer = stack.enter_context(OverlayWriter(overlay, reader.info, self.labels, self.thresholds))
+            keep_images = drawer is not None and head is None
             for chunk in _batches(reader, DETECTION_BATCH, timer):
                 with timer("faces"):
                     detections = follower([f.image for f in chunk])
@@ -291,7 +308,8 @@ class Detector:
                     with timer("faces"):
                         tracked = tracker.update(found)
                         records[frame.index] = _Record(frame.index, frame.timestamp, tracked, [None] * len(tracked),
-                                                       frame.image if drawer is not None else None)
+                                                       frame.image if keep_images else None,
+                                                       [None] * len(tracked))
                         order.append(frame.index)
                         now = {t.segment for t in tracked}
                         ended = active - now
@@ -310,12 +328,42 @@ class Detector:
             with timer("model"):
                 predictor.flush()
             feed([])
+            if head is not None:
+                with timer("model"):
+                    self._calibrate(finished)
+                rows = [row for record in finished for row in self._rows(record)]
+                if drawer is not None:
+                    self._draw_again(path, finished, drawer, timer)
         assert not order, "every frame gets a row"
         table = self._table(rows)
         table.attrs.update(
             self._metadata(reader, table, timer.seconds, time.perf_counter() - started)
         )
         return table
+
+    def _calibrate(self, records: list[_Record]) -> None:
+        """Replace MDHR's probabilities with the head's, each face track (face_id) calibrated
+        over all of its frames in the video."""
+        faces = [(record, j) for record in records for j in range(len(record.faces))]
+        if not faces:
+            return
+        probs = np.stack([record.probs[j] for record, j in faces])
+        features = np.stack([record.features[j] for record, j in faces])
+        groups = np.array([record.faces[j].face_id for record, j in faces])
+        calibrated = self.video_head.calibrate(probs, features, groups)
+        for (record, j), p in zip(faces, calibrated):
+            record.probs[j] = p.astype(np.float32)
+            record.features[j] = None
+
+    def _draw_again(self, path, records: list[_Record], drawer, timer: StageTimer) -> None:
+        """The overlay once the calibrated rows are final: a second decode of the video."""
+        by_index = {record.index: record for record in records}
+        with open_video(path, self.fps) as again:
+            for frame in again:
+                record = by_index.get(frame.index)
+                if record is not None:
+                    with timer("overlay"):
+                        drawer.add(frame.image, record.timestamp, self._marks(record))
 
     def _rows(self, record: _Record) -> list[list]:
         if not record.faces:

@@ -79,6 +79,10 @@ class WindowPredictor:
     ``add`` queues a face; ``end`` says a segment has no more faces; ``flush``
     computes everything still pending. ``pop_results`` returns ``(key, probs)``
     for finished frames, probs a (N,) float array.
+
+    ``frame_features(frames, final_map) -> (M, D)``, if given, runs on each backbone
+    batch (model inputs and the backbone's final map); ``features`` maps each key to
+    its (D,) row (the calibration head's inputs, aucli/calibration.py).
     """
 
     def __init__(
@@ -88,8 +92,11 @@ class WindowPredictor:
         preprocess: Callable[[np.ndarray], torch.Tensor],
         batch_size: int = 16,
         device: torch.device | str = "cpu",
+        frame_features: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.model = model
+        self.frame_features = frame_features
+        self.features: dict[Hashable, np.ndarray] = {}
         self.clip_length = clip_length
         self.preprocess = preprocess
         self.batch_size = max(1, batch_size)
@@ -141,6 +148,9 @@ class WindowPredictor:
             return
         batch = self.preprocess(np.stack([face for _, face in self._faces])).to(self.device)
         codes = self.model.encode_frames(batch)
+        extra = None
+        if self.frame_features is not None:
+            extra = self.frame_features(batch, codes.maps[-1]).float().numpy()
         prev_maps: list[list[torch.Tensor]] = [[] for _ in codes.maps]
         next_maps: list[list[torch.Tensor]] = [[] for _ in codes.maps]
         pairs: list[tuple[_Segment, int]] = []
@@ -154,6 +164,8 @@ class WindowPredictor:
                 pairs.append((seg, seg.encoded - 1))
             if self._still is None:
                 self._still = self.model.encode_motion(maps, maps)[0]
+            if extra is not None:
+                self.features[seg.keys[seg.encoded]] = extra[row]
             seg.static[seg.encoded] = codes.static[row]
             seg.last_maps = maps
             seg.encoded += 1

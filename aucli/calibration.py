@@ -1,0 +1,292 @@
+"""Per-video calibration: a linear head over each face track's frames, relative to the track.
+
+OpenFace 2.0, the teacher of the starter model, decides AU occurrence from
+appearance features minus their median over the whole video (person-specific
+normalisation), so whether it calls an AU present depends on that person's
+typical face. MDHR sees 16-frame windows and cannot know that. This head adds
+it after MDHR, per face track:
+
+* per frame: MDHR's probabilities (as log p), the backbone's final map
+  averaged over space, and a histogram of oriented gradients (HOG) of the
+  grey 112-px face projected on a fixed PCA basis;
+* per track: the median of each of those over the track's frames;
+* x = [log p, log p - median, backbone - median, HOG - median], standardised;
+  one linear layer and a sigmoid give the calibrated probability of each AU.
+
+MDHR itself is unchanged; a checkpoint either has the head (``video_head``)
+or not. With it, a frame's output depends on every frame of its track, as
+OpenFace's does. ``aucli calibrate`` fits it on a prepared dataset
+(docs/models.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AucliError
+
+HOG_SIZE = 112  # the face is area-downscaled from 224 to this
+HOG_CELL = 8  # pixels per cell side: 14 x 14 cells
+HOG_BINS = 9  # unsigned orientations over 0..180 degrees
+HOG_CLIP = 0.2  # block normalisation: L2, clip, L2 again
+PROB_EPS = 1e-3  # log p with p clipped to [eps, 1 - eps]
+
+
+def hog_dim(size: int = HOG_SIZE) -> int:
+    blocks = size // HOG_CELL - 1
+    return blocks * blocks * 4 * HOG_BINS
+
+
+def hog(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Model-input frames (M, 3, H, W), normalised with mean/std -> HOG (M, hog_dim()) float32.
+
+    The frames are de-normalised to [0, 1], averaged over the three channels, area-resized
+    to 112 px; gradients by central differences, magnitudes voted into 9 orientation bins
+    (linear between neighbouring bins) per 8-px cell, and each 2x2 block of cells
+    normalised (L2, clipped at 0.2, L2 again).
+    """
+    x = frames.float()
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    gray = (x * std_t + mean_t).mean(1, keepdim=True)
+    if gray.shape[-1] != HOG_SIZE or gray.shape[-2] != HOG_SIZE:
+        gray = F.interpolate(gray, size=HOG_SIZE, mode="area")
+    kx = torch.tensor([[[[-1.0, 0.0, 1.0]]]], device=x.device)
+    gx = F.conv2d(F.pad(gray, (1, 1, 0, 0), mode="replicate"), kx)
+    gy = F.conv2d(F.pad(gray, (0, 0, 1, 1), mode="replicate"), kx.transpose(2, 3))
+    magnitude = torch.sqrt(gx * gx + gy * gy)
+    position = torch.remainder(torch.atan2(gy, gx), math.pi) / math.pi * HOG_BINS
+    low = torch.floor(position)
+    upper_share = position - low
+    low = low.long() % HOG_BINS
+    hist = torch.zeros(gray.shape[0], HOG_BINS, *gray.shape[2:], device=x.device)
+    hist.scatter_add_(1, low, magnitude * (1 - upper_share))
+    hist.scatter_add_(1, (low + 1) % HOG_BINS, magnitude * upper_share)
+    cells = F.avg_pool2d(hist, HOG_CELL) * (HOG_CELL * HOG_CELL)
+    h, w = cells.shape[2:]
+    blocks = torch.cat([cells[:, :, i : h - 1 + i, j : w - 1 + j] for i in (0, 1) for j in (0, 1)], 1)
+    blocks = blocks / (blocks.norm(dim=1, keepdim=True) + 1e-3)
+    blocks = blocks.clamp(max=HOG_CLIP)
+    blocks = blocks / (blocks.norm(dim=1, keepdim=True) + 1e-3)
+    return blocks.flatten(1)
+
+
+def pooled(final_map: torch.Tensor) -> torch.Tensor:
+    """The backbone's final map (M, C, h, w) averaged over space -> (M, C) float32."""
+    return final_map.float().mean((2, 3))
+
+
+def group_medians(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each row replaced by the per-column median of the rows of its group."""
+    out = np.empty_like(x)
+    for g in np.unique(groups):
+        rows = groups == g
+        out[rows] = np.median(x[rows], axis=0)
+    return out
+
+
+class VideoHead(nn.Module):
+    """The calibration head: PCA basis for HOG, standardisation and one linear layer."""
+
+    def __init__(self, num_aus: int, backbone_channels: int, hog_components: int) -> None:
+        super().__init__()
+        self.num_aus, self.backbone_channels, self.hog_components = num_aus, backbone_channels, hog_components
+        width = 2 * num_aus + backbone_channels + hog_components
+        self.register_buffer("hog_mean", torch.zeros(hog_dim()))
+        self.register_buffer("hog_basis", torch.zeros(hog_components, hog_dim()))
+        self.register_buffer("x_mean", torch.zeros(width))
+        self.register_buffer("x_std", torch.ones(width))
+        self.linear = nn.Linear(width, num_aus)
+
+    @property
+    def config(self) -> dict[str, int]:
+        return {"num_aus": self.num_aus, "backbone_channels": self.backbone_channels,
+                "hog_components": self.hog_components}
+
+    @property
+    def frame_width(self) -> int:
+        return self.backbone_channels + self.hog_components
+
+    def frame_features(self, frames: torch.Tensor, final_map: torch.Tensor, mean, std) -> torch.Tensor:
+        """Per-frame inputs (M, C + K) from the model-input frames and the backbone's final map."""
+        device = frames.device
+        h = (hog(frames, mean, std) - self.hog_mean.to(device)) @ self.hog_basis.to(device).float().T
+        return torch.cat([pooled(final_map), h], 1).cpu()
+
+    def inputs(self, probs: np.ndarray, features: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        """(F, N) MDHR probabilities and (F, C + K) frame features of tracks ``groups`` -> (F, width)."""
+        logp = np.log(np.clip(probs.astype(np.float64), PROB_EPS, 1 - PROB_EPS))
+        feats = features.astype(np.float64)
+        return np.concatenate([logp, logp - group_medians(logp, groups),
+                               feats - group_medians(feats, groups)], 1).astype(np.float32)
+
+    @torch.no_grad()
+    def calibrate(self, probs: np.ndarray, features: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (F, N) for frames of one or more tracks."""
+        if len(probs) == 0:
+            return probs.astype(np.float32)
+        x = torch.from_numpy(self.inputs(probs, features, groups))
+        z = self.linear(((x - self.x_mean.float()) / self.x_std.float()).to(self.linear.weight.dtype))
+        return torch.sigmoid(z.float()).numpy()
+
+
+def head_state(head: VideoHead) -> dict[str, Any]:
+    """What a checkpoint stores under ``video_head``: the config and the tensors (basis in fp16)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    state["hog_basis"] = state["hog_basis"].half()
+    return {"config": head.config, "state_dict": state}
+
+
+def head_from_state(stored: Any, where: str) -> VideoHead:
+    """Rebuild a VideoHead from a checkpoint's ``video_head`` entry, checking its shapes."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict) \
+            or not isinstance(stored.get("state_dict"), dict):
+        raise AucliError(f"{where}: malformed video_head entry")
+    try:
+        head = VideoHead(**{k: int(v) for k, v in stored["config"].items()})
+        own = head.state_dict()
+        state = stored["state_dict"]
+        if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+            raise AucliError(f"{where}: video_head tensors do not match its config")
+        head.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    except TypeError as exc:
+        raise AucliError(f"{where}: malformed video_head config ({exc})") from None
+    return head.eval()
+
+
+def fit_head(probs: np.ndarray, features: np.ndarray, hogs: np.ndarray, groups: np.ndarray,
+             labels: np.ndarray, *, hog_components: int = 256, epochs: int = 60, lr: float = 1e-3,
+             l2: float = 1e-3, seed: int = 0, progress=None) -> VideoHead:
+    """Fit the head on training frames: MDHR probs (F, N), pooled backbone (F, C), raw HOG (F, D).
+
+    PCA of HOG on every 4th training frame; weighted logistic loss (positives and negatives of
+    each AU weighted to equal shares, unknown labels masked), Adam in batches of 1024.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    num_aus, channels = probs.shape[1], features.shape[1]
+    if not len(probs) == len(features) == len(hogs) == len(groups) == len(labels) or labels.shape[1] != num_aus:
+        raise AucliError("calibration inputs disagree in frames or AUs")
+    if hog_components > min(hogs.shape[1], len(hogs[::4])):
+        raise AucliError(f"--hog-components {hog_components}: at most {min(hogs.shape[1], len(hogs[::4]))} "
+                         "for this many frames")
+    head = VideoHead(num_aus, channels, hog_components)
+    hog_mean = hogs.mean(0)
+    _, _, vt = np.linalg.svd(hogs[::4] - hog_mean, full_matrices=False)
+    basis = vt[:hog_components].astype(np.float16)  # as stored: fit with the basis the checkpoint holds
+    head.hog_mean.copy_(torch.from_numpy(hog_mean))
+    head.hog_basis.copy_(torch.from_numpy(basis.astype(np.float32)))
+    projected = (hogs - hog_mean) @ basis.astype(np.float32).T
+    x = head.inputs(probs, np.concatenate([features, projected], 1), groups)
+    mean, std = x.mean(0), x.std(0) + 1e-4
+    head.x_mean.copy_(torch.from_numpy(mean))
+    head.x_std.copy_(torch.from_numpy(std))
+    x = torch.from_numpy((x - mean) / std)
+    known = torch.from_numpy((labels == 0) | (labels == 1)).float()
+    y = torch.from_numpy(labels == 1).float()
+    rate = (y.sum(0) / known.sum(0).clamp(min=1)).clamp(0.02, 0.98)
+    w_pos, w_neg = 0.5 / rate, 0.5 / (1 - rate)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        head.linear.reset_parameters()
+    opt = torch.optim.Adam(head.linear.parameters(), lr)
+    head.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), 1024):
+            rows = order[start : start + 1024]
+            z = head.linear(x[rows])
+            weight = (y[rows] * w_pos + (1 - y[rows]) * w_neg) * known[rows]
+            loss = (F.binary_cross_entropy_with_logits(z, y[rows], reduction="none") * weight).sum()
+            loss = loss / known[rows].sum().clamp(min=1) + l2 * head.linear.weight.pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if progress is not None:
+            progress()
+    return head.eval()
+
+
+def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | None = None,
+                         fold: int | None = None, val_fraction: float = 0.15, seed: int = 0,
+                         hog_components: int = 256, epochs: int = 60, lr: float = 1e-3, l2: float = 1e-3,
+                         batch_size: int = 4, device: str = "cpu", workers: int = 0,
+                         log=None) -> dict[str, Any]:
+    """Fit a calibration head for ``checkpoint`` on the training people of its fold, tune the
+    thresholds of its outputs on the held-out validation people, write ``output``.
+
+    Validation people: the ones the checkpoint's training run held out (its ``val_subjects``),
+    else a seeded ``val_fraction`` of the training people, as ``aucli train`` chooses them.
+    """
+    from pathlib import Path
+
+    from .aus import get_au_set
+    from .checkpoint import load_model, save_with_video_head
+    from .data.layout import load_split, resolve_format
+    from .evaluate import au_metrics, predict_reference, tune_thresholds, video_groups
+    from .inference import resolve_precision
+    from .train import hold_out_subjects
+
+    log = log or (lambda _line: None)
+    output = Path(output)
+    if output.exists() and Path(checkpoint).resolve() == output.resolve():
+        raise AucliError(f"{output}: choose an output other than the checkpoint itself")
+    model = load_model(checkpoint, device)
+    meta = model.metadata
+    source = meta.source or {}
+    dataset = dataset or source.get("dataset")
+    fold = int(fold or source.get("fold") or 1)
+    data_root = data_root or source.get("data_root")
+    if dataset is None or data_root is None:
+        raise AucliError(f"{checkpoint}: the checkpoint names no dataset/data root; pass --dataset and --data-root")
+    if not Path(data_root).is_dir():
+        raise AucliError(f"{data_root}: data root not found; pass --data-root")
+    fmt = resolve_format(dataset, data_root)
+    if get_au_set(fmt.au_set).aus != get_au_set(meta.au_set).aus:
+        raise AucliError(f"{checkpoint}: checkpoint is for AU set {meta.au_set}, but {dataset} uses {fmt.au_set}")
+    train = load_split(data_root, fmt, "train", fold)
+    val_subjects = [s for s in source.get("val_subjects") or [] if s in set(train.subjects)]
+    if not val_subjects:
+        val_subjects = hold_out_subjects(train.subjects, val_fraction, seed)
+    splits = {"train": train.subset([s for s in train.subjects if s not in set(val_subjects)]),
+              "val": train.subset(val_subjects)}
+    if len(splits["train"]) == 0:
+        raise AucliError(f"{data_root}: no training frames left after holding out the validation people")
+    dtype = torch.bfloat16 if resolve_precision("auto", torch.device(device)) == "bf16" else None
+
+    def raw_features(frames, final_map):  # pooled backbone and un-projected HOG
+        return torch.cat([pooled(final_map), hog(frames, meta.mean, meta.std)], 1).cpu()
+
+    outputs = {}
+    for name, split in splits.items():
+        log(f"running the model over {len(split)} {name} frames ({len(split.subjects)} people)")
+        outputs[name] = predict_reference(model, split, meta.clip_length, batch_size=batch_size, device=device,
+                                          workers=workers, autocast_dtype=dtype, frame_features=raw_features)
+    channels = int(model.backbone.token_channels)
+    probs, feats = outputs["train"]
+    log(f"fitting the head ({epochs} epochs)")
+    head = fit_head(probs, feats[:, :channels], feats[:, channels:], video_groups(splits["train"]),
+                    splits["train"].labels, hog_components=hog_components, epochs=epochs, lr=lr, l2=l2, seed=seed)
+
+    def calibrated(name: str) -> np.ndarray:
+        p, f = outputs[name]
+        projected = (torch.from_numpy(f[:, channels:]) - head.hog_mean) @ head.hog_basis.float().T
+        return head.calibrate(p, np.concatenate([f[:, :channels], projected.numpy()], 1), video_groups(splits[name]))
+
+    val_probs = calibrated("val")
+    thresholds = tune_thresholds(val_probs, splits["val"].labels, np.round(np.arange(0.02, 0.981, 0.02), 2))
+    au_set = get_au_set(meta.au_set)
+    val = au_metrics(au_set, val_probs, splits["val"].labels, thresholds)
+    before = au_metrics(au_set, outputs["val"][0], splits["val"].labels, meta.thresholds)
+    record = {"video_head": {"fitted_on": "training people", "train_frames": len(splits["train"]),
+                             "val_subjects": sorted(val_subjects), "hog_components": hog_components,
+                             "epochs": epochs, "lr": lr, "l2": l2, "seed": seed,
+                             "val_mean_f1": val.mean_f1, "val_mean_f1_without": before.mean_f1}}
+    save_with_video_head(checkpoint, output, head_state(head), thresholds, record)
+    return {"output": str(output), "val": val, "val_without": before, "val_subjects": sorted(val_subjects)}

@@ -1,0 +1,135 @@
+"""The per-video calibration head (aucli/calibration.py): features, fitting, storage, and its use
+by `eval` and `detect`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from aucli.calibration import VideoHead, fit_head, group_medians, head_from_state, head_state, hog, hog_dim
+from aucli.checkpoint import load_checkpoint, load_model, save_with_video_head
+from aucli.errors import AucliError
+from media_fixtures import VIDEOS, tiny_checkpoint
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _normalise(images: torch.Tensor) -> torch.Tensor:
+    return (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def test_hog_sees_edges_and_ignores_contrast():
+    flat = torch.full((1, 3, 224, 224), 0.5)
+    stripes = flat.clone()
+    stripes[..., :, ::16] = 0.9  # vertical lines: horizontal gradients
+    out = hog(_normalise(torch.cat([flat, stripes, 0.5 + 0.5 * (stripes - 0.5)])), MEAN, STD)
+    assert out.shape == (3, hog_dim())
+    assert out[0].abs().max() == 0  # no gradient, no votes
+    cells = out[1].view(4, 9, 13, 13)  # (block corner, orientation bin, block row, block column)
+    assert cells[:, 0].sum() > 10 * cells[:, 4].sum()  # 0-degree bin holds the votes, 90-degree none
+    assert torch.allclose(out[1], out[2], atol=0.02)  # block normalisation: half the contrast, same HOG
+
+
+def test_group_medians_are_per_group():
+    x = np.array([[1.0], [3.0], [10.0], [2.0], [-5.0]])
+    groups = np.array([0, 0, 1, 0, 1])
+    assert group_medians(x, groups).ravel().tolist() == [2.0, 2.0, 2.5, 2.0, 2.5]
+
+
+def _fitted_head(num_aus=3, seed=0):
+    rng = np.random.default_rng(seed)
+    frames = 240
+    groups = np.repeat(np.arange(6), frames // 6)
+    width = max(8, num_aus)
+    offset = rng.normal(size=(6, width))[groups] * 3  # each "person" has its own typical features
+    expression = rng.normal(size=(frames, width))
+    labels = (expression[:, :num_aus] > 0.5).astype(np.int64)  # the AU depends on the deviation only
+    labels[0, 0] = 9  # unknown: masked
+    probs = rng.uniform(0.2, 0.8, size=(frames, num_aus)).astype(np.float32)
+    hogs = rng.normal(size=(frames, hog_dim())).astype(np.float32)
+    features = (offset + expression).astype(np.float32)
+    head = fit_head(probs, features, hogs, groups, labels, hog_components=4, epochs=150, lr=1e-2, l2=0.0)
+    return head, (probs, features, hogs, groups, labels)
+
+
+def test_fitted_head_learns_deviation_from_the_track():
+    head, (probs, features, hogs, groups, labels) = _fitted_head()
+    projected = (torch.from_numpy(hogs) - head.hog_mean) @ head.hog_basis.T
+    out = head.calibrate(probs, np.concatenate([features, projected.numpy()], 1), groups)
+    known = labels != 9
+    accuracy = ((out >= 0.5) == (labels == 1))[known].mean()
+    assert accuracy > 0.9
+    # A frame's output depends on its own track, not on other tracks.
+    inputs = np.concatenate([features, projected.numpy()], 1)
+    moved = inputs.copy()
+    moved[groups == 1] += 5.0
+    again = head.calibrate(probs, moved, groups)
+    assert np.allclose(again[groups == 0], out[groups == 0], atol=1e-6)
+    moved_one = inputs.copy()
+    moved_one[np.flatnonzero(groups == 0)[1:]] += 5.0  # the rest of track 0 moves: frame 0 is relatively lower
+    assert not np.allclose(head.calibrate(probs, moved_one, groups)[0], out[0], atol=1e-3)
+
+
+def test_head_round_trips_through_a_checkpoint(tmp_path):
+    head, _ = _fitted_head(num_aus=12)
+    source = tiny_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "with_head.pt"
+    thresholds = [0.3] * 12
+    save_with_video_head(source, out, head_state(head), thresholds, {"video_head": {"epochs": 150}})
+    raw = torch.load(out, map_location="cpu", weights_only=True)  # plain tensors only
+    assert raw["video_head"]["state_dict"]["hog_basis"].dtype == torch.float16
+    model = load_model(out)
+    assert model.video_head is not None and model.metadata.thresholds == thresholds
+    assert not any(k.startswith("video_head") for k in model.state_dict())  # MDHR's own tensors only
+    x = torch.randn(5, head.linear.in_features)
+    assert torch.equal(model.video_head.linear(x), head.linear(x))
+    assert load_model(source).video_head is None
+    with pytest.raises(AucliError, match="video_head"):
+        broken = head_state(head)
+        broken["state_dict"]["x_mean"] = torch.zeros(3)
+        head_from_state(broken, "x.pt")
+    assert load_checkpoint(out).metadata.source["video_head"] == {"epochs": 150}
+
+
+def _head_for(model, seed=0) -> VideoHead:
+    """A random head with the shapes the tiny model needs, its weights large enough to matter."""
+    torch.manual_seed(seed)
+    head = VideoHead(model.au_set.num_aus, model.backbone.token_channels, 4)
+    head.hog_basis.copy_(torch.randn_like(head.hog_basis) * 0.05)
+    head.linear.weight.data.mul_(20)
+    return head.eval()
+
+
+def test_detect_and_eval_use_the_head(tmp_path):
+    """detect's rows come from the head, per face track over the whole video; the overlay is drawn
+    from those rows; eval applies the head too."""
+    source = tiny_checkpoint(tmp_path / "tiny.pt")
+    model = load_model(source)
+    head = _head_for(model)
+    with_head = tmp_path / "head.pt"
+    save_with_video_head(source, with_head, head_state(head), [0.5] * model.au_set.num_aus)
+    video = VIDEOS / "single_face.mp4"
+    plain = tmp_path / "plain.json"
+    calibrated = tmp_path / "calibrated.json"
+    overlay = tmp_path / "overlay.mp4"
+    for ckpt, out, extra in ((source, plain, []), (with_head, calibrated, ["--overlay", str(overlay)])):
+        done = subprocess.run([sys.executable, "-m", "aucli", "detect", str(video), "-o", str(out),
+                               "--checkpoint", str(ckpt), *extra], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+    a, b = (json.loads(p.read_text()) for p in (plain, calibrated))
+    assert b["model"]["video_calibration"] is True and a["model"]["video_calibration"] is False
+    pa, pb = (pd.DataFrame(doc["rows"], columns=doc["columns"]) for doc in (a, b))
+    assert len(pa) == len(pb) == 72
+    assert (pa["success"] == pb["success"]).all()
+    cols = [c for c in pa.columns if c.endswith("_p")]
+    face = pb["success"] == 1
+    assert not np.allclose(pa.loc[face, cols].to_numpy(float), pb.loc[face, cols].to_numpy(float), atol=1e-3)
+    assert overlay.is_file() and overlay.stat().st_size > 10_000
+    decisions = pb.loc[face, [c[:-2] + "_c" for c in cols]].to_numpy(int)
+    assert (decisions == (pb.loc[face, cols].to_numpy(float) >= 0.5)).all()
