@@ -114,11 +114,13 @@ class VideoHead(nn.Module):
     def frame_width(self) -> int:
         return self.backbone_channels + self.hog_components
 
+    def project_hog(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw HOG (M, hog_dim()) -> its (M, K) PCA components."""
+        return (raw - self.hog_mean.to(raw.device)) @ self.hog_basis.to(raw.device).float().T
+
     def frame_features(self, frames: torch.Tensor, final_map: torch.Tensor, mean, std) -> torch.Tensor:
         """Per-frame inputs (M, C + K) from the model-input frames and the backbone's final map."""
-        device = frames.device
-        h = (hog(frames, mean, std) - self.hog_mean.to(device)) @ self.hog_basis.to(device).float().T
-        return torch.cat([pooled(final_map), h], 1).cpu()
+        return torch.cat([pooled(final_map), self.project_hog(hog(frames, mean, std))], 1).cpu()
 
     def inputs(self, probs: np.ndarray, features: np.ndarray, groups: np.ndarray) -> np.ndarray:
         """(F, N) MDHR probabilities and (F, C + K) frame features of tracks ``groups`` -> (F, width)."""
@@ -182,7 +184,7 @@ def fit_head(probs: np.ndarray, features: np.ndarray, hogs: np.ndarray, groups: 
     basis = vt[:hog_components].astype(np.float16)  # as stored: fit with the basis the checkpoint holds
     head.hog_mean.copy_(torch.from_numpy(hog_mean))
     head.hog_basis.copy_(torch.from_numpy(basis.astype(np.float32)))
-    projected = (hogs - hog_mean) @ basis.astype(np.float32).T
+    projected = head.project_hog(torch.from_numpy(np.asarray(hogs, np.float32))).numpy()
     x = head.inputs(probs, np.concatenate([features, projected], 1), groups)
     mean, std = x.mean(0), x.std(0) + 1e-4
     head.x_mean.copy_(torch.from_numpy(mean))
@@ -228,8 +230,8 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
 
     from .aus import get_au_set
     from .checkpoint import load_model, save_with_video_head
-    from .data.layout import load_split, resolve_format
-    from .evaluate import au_metrics, predict_reference, tune_thresholds, video_groups
+    from .data.layout import load_split
+    from .evaluate import au_metrics, checkpoint_data, predict_reference, tune_thresholds, video_groups
     from .inference import resolve_precision
     from .train import hold_out_subjects
 
@@ -240,16 +242,8 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
     model = load_model(checkpoint, device)
     meta = model.metadata
     source = meta.source or {}
-    dataset = dataset or source.get("dataset")
-    fold = int(fold or source.get("fold") or 1)
-    data_root = data_root or source.get("data_root")
-    if dataset is None or data_root is None:
-        raise AucliError(f"{checkpoint}: the checkpoint names no dataset/data root; pass --dataset and --data-root")
-    if not Path(data_root).is_dir():
-        raise AucliError(f"{data_root}: data root not found; pass --data-root")
-    fmt = resolve_format(dataset, data_root)
-    if get_au_set(fmt.au_set).aus != get_au_set(meta.au_set).aus:
-        raise AucliError(f"{checkpoint}: checkpoint is for AU set {meta.au_set}, but {dataset} uses {fmt.au_set}")
+    fmt, data_root, fold = checkpoint_data(model, checkpoint, data_root=data_root, dataset=dataset,
+                                           fold=fold or source.get("fold") or 1)
     train = load_split(data_root, fmt, "train", fold)
     val_subjects = [s for s in source.get("val_subjects") or [] if s in set(train.subjects)]
     if not val_subjects:
@@ -276,8 +270,8 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
 
     def calibrated(name: str) -> np.ndarray:
         p, f = outputs[name]
-        projected = (torch.from_numpy(f[:, channels:]) - head.hog_mean) @ head.hog_basis.float().T
-        return head.calibrate(p, np.concatenate([f[:, :channels], projected.numpy()], 1), video_groups(splits[name]))
+        projected = head.project_hog(torch.from_numpy(f[:, channels:])).numpy()
+        return head.calibrate(p, np.concatenate([f[:, :channels], projected], 1), video_groups(splits[name]))
 
     val_probs = calibrated("val")
     thresholds = tune_thresholds(val_probs, splits["val"].labels, np.round(np.arange(0.02, 0.981, 0.02), 2))

@@ -249,17 +249,12 @@ class EvalResult:
                 "protocol": self.protocol, "data_root": self.data_root, **self.metrics.to_dict()}
 
 
-def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path | None = None,
-                        dataset: str | None = None, fold: int | None = None, split: str = "test",
-                        protocol: str = "reference", thresholds: float | list[float] | None = None,
-                        batch_size: int = 8, device: str = "cpu", workers: int = 0) -> EvalResult:
-    """Evaluate a trained checkpoint on its fold; dataset, fold and data root default to the checkpoint's."""
-    from .checkpoint import load_model
-    from .data.layout import load_split, resolve_format
+def checkpoint_data(model: torch.nn.Module, checkpoint: str | Path, *, data_root: str | Path | None = None,
+                    dataset: str | None = None, fold: int | None = None):
+    """(format, data root, fold) a loaded checkpoint was trained on, each overridable; checked
+    to exist and to use the checkpoint's AU set."""
+    from .data.layout import resolve_format
 
-    if protocol not in PREDICTORS:
-        raise AucliError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PREDICTORS)}")
-    model = load_model(checkpoint, device)
     meta = model.metadata
     source = meta.source or {}
     dataset = dataset or source.get("dataset")
@@ -274,7 +269,23 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path | None 
     fmt = resolve_format(dataset, data_root)
     if get_au_set(fmt.au_set).aus != get_au_set(meta.au_set).aus:
         raise AucliError(f"{checkpoint}: checkpoint is for AU set {meta.au_set}, but {dataset} uses {fmt.au_set}")
-    data = load_split(data_root, fmt, split, int(fold))
+    return fmt, data_root, int(fold)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path | None = None,
+                        dataset: str | None = None, fold: int | None = None, split: str = "test",
+                        protocol: str = "reference", thresholds: float | list[float] | None = None,
+                        batch_size: int = 8, device: str = "cpu", workers: int = 0) -> EvalResult:
+    """Evaluate a trained checkpoint on its fold; dataset, fold and data root default to the checkpoint's."""
+    from .checkpoint import load_model
+    from .data.layout import load_split
+
+    if protocol not in PREDICTORS:
+        raise AucliError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PREDICTORS)}")
+    model = load_model(checkpoint, device)
+    meta = model.metadata
+    fmt, data_root, fold = checkpoint_data(model, checkpoint, data_root=data_root, dataset=dataset, fold=fold)
+    data = load_split(data_root, fmt, split, fold)
     probs = predict_calibrated(model, data, protocol, batch_size=batch_size, device=device, workers=workers)
     thresholds = meta.thresholds if thresholds is None else thresholds
     metrics = au_metrics(data.au_set, probs, data.labels, thresholds)
