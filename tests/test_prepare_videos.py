@@ -167,3 +167,54 @@ def test_pretrain_resumes_to_the_uninterrupted_result(prepared, tmp_path):
     a = load_tensors(Path(whole["run_dir"]) / "last.pt")["model"]
     b = load_tensors(Path(cut["run_dir"]) / "last.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_calibrate_fits_a_head_that_eval_and_detect_use(prepared, tmp_path):
+    """`aucli calibrate` on a trained checkpoint: the head is fitted on the training people, its
+    thresholds tuned on held-out ones; eval reports what the head gives, detect runs it."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from aucli.checkpoint import load_model
+    from aucli.evaluate import evaluate_checkpoint
+    from aucli.train import TrainConfig, train
+
+    cfg = TrainConfig(dataset="videos", data_root=str(prepared), backbone="resnet_tiny", feature_dim=64,
+                      clip_length=6, k=2, batch_size=2, epochs=1, clips_per_video=1, lr=5e-3, flip=False,
+                      color_jitter=0.0, val_interval=1, select_on_test=True, workers=0,
+                      project=str(tmp_path / "runs"), name="t")
+    best = Path(train(cfg, quiet=True)["run_dir"]) / "best.pt"
+    out = tmp_path / "calibrated.pt"
+    cli = [sys.executable, "-m", "aucli", "calibrate", "-c", str(best), "-o", str(out), "--hog-components", "8",
+           "--epochs", "5", "--val-fraction", "0.5", "--workers", "0"]
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "validation mean F1" in done.stderr and str(out) in done.stderr
+    again = subprocess.run(cli, capture_output=True, text=True, timeout=600)  # never overwrites
+    assert again.returncode != 0 and "already exists" in again.stderr and again.stderr.count("\n") == 1
+
+    model = load_model(out)
+    head = model.video_head
+    assert head.hog_components == 8 and head.num_aus == 17
+    stored = torch.load(out, map_location="cpu", weights_only=True)
+    assert stored["video_head"]["state_dict"]["hog_basis"].dtype == torch.float16
+    plain = load_model(best)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
+    record = stored["metadata"]["source"]["video_head"]
+    assert record["hog_components"] == 8 and record["epochs"] == 5 and record["fitted_on"] == "training people"
+    train_people = set(load_split(prepared, "videos", "train", 1).subjects)
+    assert set(record["val_subjects"]) < train_people  # held out from the training people, never test
+
+    with_head, without = evaluate_checkpoint(out), evaluate_checkpoint(best)
+    assert with_head.metrics.thresholds == [float(t) for t in model.metadata.thresholds]
+    assert with_head.metrics.f1 != without.metrics.f1  # eval ran the head, not MDHR alone
+
+    video = Path(__file__).resolve().parent.parent / "sample_videos" / "videos" / "single_face.mp4"
+    rows = tmp_path / "aus.csv"
+    done = subprocess.run([sys.executable, "-m", "aucli", "detect", str(video), "-o", str(rows),
+                           "--checkpoint", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(rows)
+    assert len(table) == 72 and {f"AU{a:02d}_p" for a in (1, 45)} <= set(table.columns)
