@@ -64,7 +64,7 @@ def test_folding_batchnorm_keeps_the_function():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("block", [BasicBlock, Bottleneck])
-def test_fused_convolution_relu_gives_the_same_bits(block, precision):
+def test_fused_convolution_relu_gives_the_same_result(block, precision):
     if not inference._ResNetFused.available(torch.device("cpu")):
         pytest.skip("this torch has no oneDNN pointwise convolution")
     torch.manual_seed(0)
@@ -85,9 +85,15 @@ def test_fused_convolution_relu_gives_the_same_bits(block, precision):
             expected.append(x)
         got = inference._ResNetFused(resnet)(frames)
     assert len(got.maps) == 4
+    # bf16: the same bits everywhere measured. fp32: the same bits where PyTorch's own
+    # convolution runs the same oneDNN kernel (Intel Xeon; AMD Zen 4 on 2 threads); on one
+    # thread on Zen 4 it takes another kernel and the sums differ by float rounding
+    # (measured: up to 9e-6 on values up to ~7).
+    same = torch.equal if precision == "bf16" else (
+        lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5))
     for a, b in zip(got.maps, expected):
-        assert a.dtype == dtype and torch.equal(a, b)
-    assert torch.equal(got.tokens, expected[-1].flatten(2).transpose(1, 2))
+        assert a.dtype == dtype and same(a, b)
+    assert same(got.tokens, expected[-1].flatten(2).transpose(1, 2))
 
 
 def test_runner_uses_the_fused_backbone_on_the_cpu():
