@@ -53,16 +53,17 @@ def hog(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> to
     normalised (L2, clipped at 0.2, L2 again).
     """
     x = frames.float()
-    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    gray = (x * std_t + mean_t).mean(1, keepdim=True)
-    if gray.shape[-1] != HOG_SIZE or gray.shape[-2] != HOG_SIZE:
-        gray = F.interpolate(gray, size=HOG_SIZE, mode="area")
-    kx = torch.tensor([[[[-1.0, 0.0, 1.0]]]], device=x.device)
-    gx = F.conv2d(F.pad(gray, (1, 1, 0, 0), mode="replicate"), kx)
-    gy = F.conv2d(F.pad(gray, (0, 0, 1, 1), mode="replicate"), kx.transpose(2, 3))
+    if x.shape[-1] != HOG_SIZE or x.shape[-2] != HOG_SIZE:
+        x = F.interpolate(x, size=HOG_SIZE, mode="area")  # averaging commutes with de-normalising
+    # The channel mean of the de-normalised frame, x * std + mean, as one weighted sum.
+    weight = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) / 3
+    gray = (x * weight).sum(1, keepdim=True) + sum(mean) / 3
+    # Central differences with the border replicated (slices: a 3-tap convolution took 5x longer).
+    padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
+    gx = padded[:, :, 1:-1, 2:] - padded[:, :, 1:-1, :-2]
+    gy = padded[:, :, 2:, 1:-1] - padded[:, :, :-2, 1:-1]
     magnitude = torch.sqrt(gx * gx + gy * gy)
-    position = torch.remainder(torch.atan2(gy, gx), math.pi) / math.pi * HOG_BINS
+    position = torch.remainder(torch.atan2(gy, gx), math.pi) * (HOG_BINS / math.pi)
     low = torch.floor(position)
     upper_share = position - low
     low = low.long() % HOG_BINS

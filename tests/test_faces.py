@@ -212,6 +212,22 @@ def test_face_to_tensor_resizes_whole_crop_and_normalises():
     assert face_to_tensor(faces[0]).shape == (3, 224, 224)
 
 
+def test_face_to_tensor_follows_pil_bilinear_resize():
+    """The reference resized with PIL; face_to_tensor stays within one grey level of it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    faces = np.clip(rng.normal(128, 60, (2, ALIGN_SIZE, ALIGN_SIZE, 3)), 0, 255).astype(np.uint8)
+    faces[1] = np.asarray(Image.open(IMAGES / "single_face.jpg").convert("RGB").resize((ALIGN_SIZE,) * 2))
+    x = face_to_tensor(faces)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    levels = (x.permute(0, 2, 3, 1) * std + mean) * 255
+    pil = np.stack([np.asarray(Image.fromarray(f).resize((224, 224), Image.BILINEAR)) for f in faces])
+    difference = (levels - torch.from_numpy(pil).float()).abs()
+    assert difference.max() < 1.0 + 1e-3
+    assert difference.mean() < 0.02  # nearly every pixel is PIL's exactly (float resizing: 0.31)
+
+
 def test_smooth_landmarks():
     rng = np.random.default_rng(0)
     still = np.tile(TEMPLATE, (12, 1, 1))

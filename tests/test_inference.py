@@ -150,3 +150,37 @@ def test_detect_precisions_agree_and_are_recorded(tmp_path):
     p_columns = [c for c in fp32.columns if c.endswith("_p")]
     delta = (fp32[p_columns] - bf16[p_columns]).abs().to_numpy()
     assert delta.mean() < 0.01
+
+
+@pytest.mark.parametrize("au_set", ["bp4d", "disfa", "openface"])
+def test_temporal_head_as_detect_runs_it_matches_the_model(au_set):
+    """InferenceModel.predict_window (folded BatchNorms, stacked HSR extractors, MFD's
+    running-sum pooling) computes MDHR.predict_window: to float rounding in fp32, close in bf16."""
+    import copy
+
+    from aucli.model import MDHR
+
+    torch.manual_seed(0)
+    model = MDHR(au_set, backbone="resnet_tiny", k=3, feature_dim=32).eval()
+    with torch.no_grad():  # BatchNorm statistics away from 0/1, so that folding them matters
+        for module in model.modules():
+            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    generator = torch.Generator().manual_seed(1)
+    static = torch.randn(2, 11, 49, 32, generator=generator)
+    motion = torch.relu(torch.randn(2, 10, 4, model.mfd.width, 7, 7, generator=generator))
+    with torch.inference_mode():
+        expected, expected_aux = model.predict_window(static, motion)
+        fp32 = InferenceModel(copy.deepcopy(model), "fp32")  # it rearranges the model it is given
+        got, aux = fp32.predict_window(static, motion)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        for name in expected_aux:
+            torch.testing.assert_close(aux[name], expected_aux[name], atol=1e-4, rtol=1e-4)
+        bf16 = InferenceModel(copy.deepcopy(model), "bf16")
+        close = bf16.predict_window(static, motion)[0]
+    difference = (close - expected).abs()
+    assert got.shape == expected.shape == (2, 11, model.au_set.num_aus)
+    assert 0 < difference.max() < 0.02 and difference.mean() < 0.005
