@@ -211,7 +211,7 @@ def detect(
         help="Model arithmetic: fp32, bf16, or auto (bf16 where the CPU or GPU has native bf16, else fp32).",
     ),
     redetect: int = typer.Option(
-        8, "--redetect", min=1,
+        16, "--redetect", min=1,  # pipeline.REDETECT (not imported here: it would import torch)
         help="Full face detection every N frames; in between, faces are followed from their landmarks "
         "(1: full detection on every frame).",
     ),

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aucli.inference import cpu_flags, resolve_precision  # noqa: E402
+from aucli.pipeline import REDETECT  # noqa: E402
 
 SAMPLES = ["WolfgangLanger_Pexels.mp4", "single_face.mp4", "face_noface.mov", "no_face.mp4"]
 STAGES = ("decode", "faces", "model", "write")
@@ -241,7 +242,7 @@ def agreement(args: argparse.Namespace, checkpoint: Path, precision: str, videos
     tables = {}
     for name in ("fp32", precision):
         detector = Detector(checkpoint, device=args.device, batch_size=args.batch_size, precision=name,
-                            redetect=args.redetect or 8)
+                            redetect=args.redetect or REDETECT)
         tables[name] = [detector.run(video) for video in videos]
         del detector
     print(f"\nagreement of --precision {precision} with fp32 (checkpoint {checkpoint}):")

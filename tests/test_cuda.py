@@ -50,13 +50,14 @@ def test_faces_on_cuda_match_the_cpu():
     from media_fixtures import VIDEOS
 
     from aucli.faces import FaceDetector, FaceFollower
+    from aucli.pipeline import REDETECT
     from aucli.video import open_video
 
     with open_video(VIDEOS / "single_face.mp4") as reader:
         frames = [frame.image for frame in reader]
     found = {}
     for device in ("cpu", "cuda"):
-        follower = FaceFollower(FaceDetector(device), redetect=8)
+        follower = FaceFollower(FaceDetector(device), redetect=REDETECT)
         found[device] = [faces for i in range(0, len(frames), 16) for faces in follower(frames[i : i + 16])]
     assert [len(f) for f in found["cpu"]] == [len(f) for f in found["cuda"]]
     for cpu, gpu in zip(found["cpu"], found["cuda"]):

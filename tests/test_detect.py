@@ -27,7 +27,7 @@ from media_fixtures import (  # noqa: F401 (one_torch_thread: an autouse fixture
 
 import aucli
 from aucli.faces import face_to_tensor
-from aucli.pipeline import Detector
+from aucli.pipeline import REDETECT, Detector
 from aucli.windows import WindowPredictor, window_layout, window_positions
 from aucli.writers import get_writer, read_table
 
@@ -118,7 +118,7 @@ def test_metadata_in_attrs(tables, checkpoint):
     assert (video["width"], video["height"], video["frame_count"], video["rotation"]) == (640, 360, 72, 0)
     assert video["fps"] == pytest.approx(30.0) and video["duration"] == pytest.approx(2.4)
     assert attrs["aucli_version"] == aucli.__version__
-    assert model["precision"] in ("fp32", "bf16") and model["redetect"] == 8
+    assert model["precision"] in ("fp32", "bf16") and model["redetect"] == REDETECT
     assert attrs["summary"]["frames"] == 72 and attrs["summary"]["frames_with_face"] == 72
     assert set(attrs["summary"]["stages"]) == {"decode", "faces", "model"}
 
