@@ -246,11 +246,33 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(meta, obj["state_dict"], obj.get("extra") or {}, obj.get("video_head"))
 
 
+class _SkipRandomFills(torch.overrides.TorchFunctionMode):
+    """While active, the in-place random fills of weight initialisation do nothing.
+
+    ``build_model`` overwrites every tensor from the checkpoint (``strict=True``), so the
+    random initialisation would be thrown away: it took 0.66 s of loading a ResNet-50
+    MDHR and 0.15 s of the ResNet-18 starter on the 2-core development machine.
+    """
+
+    FILLS = frozenset({
+        torch.Tensor.uniform_, torch.Tensor.normal_,
+        *(getattr(torch.nn.init, name) for name in (
+            "uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+            "xavier_uniform_", "xavier_normal_", "orthogonal_")),
+    })
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FILLS:  # each fills its first argument, the tensor, and returns it
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def build_model(ckpt: Checkpoint, where: str = "checkpoint") -> torch.nn.Module:
     """Instantiate the model a checkpoint describes and fill it, checking tensors against metadata."""
     from .model import MDHR
 
-    model = MDHR(**ckpt.metadata.model_config)
+    with _SkipRandomFills():
+        model = MDHR(**ckpt.metadata.model_config)
     own = model.state_dict()
     missing = sorted(k for k in own if k not in ckpt.state_dict)
     unexpected = sorted(k for k in ckpt.state_dict if k not in own)
@@ -278,7 +300,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn
     model = build_model(ckpt, str(path))
     model.metadata = ckpt.metadata
     model = model.to(device).eval()
-    head = None if ckpt.video_head is None else head_from_state(ckpt.video_head, str(path))
+    head = None
+    if ckpt.video_head is not None:
+        with _SkipRandomFills():  # its tensors come from the checkpoint too
+            head = head_from_state(ckpt.video_head, str(path))
     if head is not None and head.num_aus != len(ckpt.metadata.aus):
         raise AucliError(f"{path}: video_head is for {head.num_aus} AUs, the model has {len(ckpt.metadata.aus)}")
     # Not a submodule: the model's own state_dict stays MDHR's alone.
