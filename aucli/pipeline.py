@@ -10,6 +10,7 @@ probabilities; rows come out in frame order.
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from collections import deque
@@ -28,6 +29,7 @@ from . import __version__
 from .checkpoint import STARTER
 from .errors import UsageError
 from .faces import (
+    FaceDetection,
     FaceDetector,
     FaceFollower,
     FaceTracker,
@@ -130,11 +132,59 @@ class _Record:
     faces: list[TrackedFace]
     probs: list[np.ndarray | None] = field(default_factory=list)
     image: np.ndarray | None = None  # kept only for --overlay, until the row is final
-    features: list[np.ndarray | None] = field(default_factory=list)  # calibration head inputs, if any
 
     @property
     def complete(self) -> bool:
         return all(p is not None for p in self.probs)
+
+
+@dataclass(frozen=True)
+class _KeptFace:
+    """A face whose row waits for the end of the video: its box and landmarks are row
+    ``index`` of a _KeptRows."""
+
+    face_id: int
+    segment: int
+    confidence: float
+    index: int
+
+
+class _KeptRows:
+    """Rows kept until the end of a video, in blocks of anonymous memory maps; a caller
+    holds row numbers, not arrays. With a calibration head, every face's MDHR outputs,
+    head inputs, box and landmarks wait for the end of the video.
+
+    Kept as small numpy arrays (and views, whose shapes numpy also allocates with malloc)
+    among the model's large temporary buffers in the malloc heap, they split its free
+    space and the heap grew with the video: peak RSS 2.1 GiB on a 3-minute video against
+    1.2 GiB on 16 s of it (starter model). Kept here, memory stays flat (README, Speed).
+    """
+
+    def __init__(self, dtype: type = np.float32, rows_per_block: int = 2048) -> None:
+        self.dtype, self.rows_per_block = np.dtype(dtype), rows_per_block
+        self._blocks: list[np.ndarray] = []
+        self._count = 0
+
+    def keep(self, row: np.ndarray) -> int:
+        """Store a copy of ``row`` (D,); its row number."""
+        used = self._count % self.rows_per_block
+        if used == 0:
+            buffer = mmap.mmap(-1, self.rows_per_block * len(row) * self.dtype.itemsize)
+            self._blocks.append(np.frombuffer(buffer, self.dtype).reshape(self.rows_per_block, len(row)))
+        self._blocks[-1][used] = row
+        self._count += 1
+        return self._count - 1
+
+    def rows(self) -> np.ndarray:
+        """Every row kept, (n, D), in the order kept."""
+        if not self._blocks:
+            return np.zeros((0, 0), self.dtype)
+        return np.concatenate(self._blocks)[: self._count]
+
+    def keep_face(self, face: TrackedFace) -> _KeptFace:
+        d = face.detection
+        return _KeptFace(face.face_id, face.segment, d.confidence,
+                         self.keep(np.concatenate([d.box, d.landmarks.ravel()])))
 
 
 class _Aligner:
@@ -279,6 +329,7 @@ class Detector:
             self.runner, meta.clip_length, self._preprocess, self.batch_size, self.device, frame_features
         )
         records: dict[int, _Record] = {}
+        kept, kept_faces = _KeptRows(np.float32), _KeptRows(np.float64)
         order: deque[int] = deque()
         rows: list[list] = []
         finished: list[_Record] = []  # with a calibration head: every record, until the video ends
@@ -291,12 +342,14 @@ class Detector:
                 for segment in ended:
                     predictor.end(segment)
                 for (index, j), probs in predictor.pop_results():
-                    records[index].probs[j] = probs
-                    if head is not None:
-                        records[index].features[j] = predictor.features.pop((index, j))
+                    if head is None:
+                        records[index].probs[j] = probs
+                    else:  # until the end of the video: a row number (_KeptRows)
+                        records[index].probs[j] = kept.keep(np.concatenate([probs, predictor.features.pop((index, j))]))
             while order and records[order[0]].complete:
                 record = records.pop(order.popleft())
                 if head is not None:
+                    record.faces = [kept_faces.keep_face(face) for face in record.faces]
                     finished.append(record)
                     continue
                 rows.extend(self._rows(record))
@@ -317,8 +370,7 @@ class Detector:
                     with timer("faces"):
                         tracked = tracker.update(found)
                         records[frame.index] = _Record(frame.index, frame.timestamp, tracked, [None] * len(tracked),
-                                                       frame.image if keep_images else None,
-                                                       [None] * len(tracked))
+                                                       frame.image if keep_images else None)
                         order.append(frame.index)
                         now = {t.segment for t in tracked}
                         ended = active - now
@@ -339,7 +391,7 @@ class Detector:
             feed([])
             if head is not None:
                 with timer("model"):
-                    self._calibrate(finished)
+                    self._calibrate(finished, kept, kept_faces)
                 rows = [row for record in finished for row in self._rows(record)]
                 if drawer is not None:
                     self._draw_again(path, finished, drawer, timer)
@@ -350,19 +402,23 @@ class Detector:
         )
         return table
 
-    def _calibrate(self, records: list[_Record]) -> None:
+    def _calibrate(self, records: list[_Record], kept: _KeptRows, kept_faces: _KeptRows) -> None:
         """Replace MDHR's probabilities with the head's, each face track (face_id) calibrated
-        over all of its frames in the video."""
+        over all of its frames in the video, and give the records their faces back."""
         faces = [(record, j) for record in records for j in range(len(record.faces))]
         if not faces:
             return
-        probs = np.stack([record.probs[j] for record, j in faces])
-        features = np.stack([record.features[j] for record, j in faces])
+        n = len(self.labels)
+        inputs = kept.rows()[[record.probs[j] for record, j in faces]]  # (F, N + D)
         groups = np.array([record.faces[j].face_id for record, j in faces])
-        calibrated = self.video_head.calibrate(probs, features, groups)
+        calibrated = self.video_head.calibrate(inputs[:, :n], inputs[:, n:], groups).astype(np.float32)
+        boxes = kept_faces.rows()
         for (record, j), p in zip(faces, calibrated):
-            record.probs[j] = p.astype(np.float32)
-            record.features[j] = None
+            face = record.faces[j]
+            row = boxes[face.index]
+            record.probs[j] = p
+            record.faces[j] = TrackedFace(face.face_id, face.segment,
+                                          FaceDetection(row[:4], row[4:].reshape(-1, 2), face.confidence))
 
     def _draw_again(self, path, records: list[_Record], drawer, timer: StageTimer) -> None:
         """The overlay once the calibrated rows are final: a second decode of the video."""

@@ -430,3 +430,25 @@ def test_program_exits_at_once_after_detect_with_everything_written(tmp_path, ch
     assert done.returncode == 0 and "72 frames" in done.stderr, done.stderr
     version = subprocess.run([sys.executable, "-m", "aucli", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("aucli ")
+
+
+def test_rows_kept_for_the_end_of_a_video_come_back_exactly():
+    """With a calibration head, per-face rows wait for the end of the video in mapped blocks
+    (pipeline._KeptRows, which keeps memory flat in video length): exact, across blocks."""
+    from aucli.faces import FaceDetection, TrackedFace
+    from aucli.pipeline import _KeptRows
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(7, 5)).astype(np.float32)
+    kept = _KeptRows(np.float32, rows_per_block=3)
+    assert [kept.keep(row) for row in data] == list(range(7))
+    assert np.array_equal(kept.rows(), data)
+    faces = _KeptRows(np.float64, rows_per_block=2)
+    tracked = [TrackedFace(i, 10 + i, FaceDetection(rng.uniform(0, 640, 4), rng.uniform(0, 640, (5, 2)), 0.9 + i / 100))
+               for i in range(3)]
+    stored = [faces.keep_face(face) for face in tracked]
+    rows = faces.rows()
+    for face, k in zip(tracked, stored):
+        assert (k.face_id, k.segment, k.confidence) == (face.face_id, face.segment, face.detection.confidence)
+        assert np.array_equal(rows[k.index, :4], face.detection.box)
+        assert np.array_equal(rows[k.index, 4:].reshape(-1, 2), face.detection.landmarks)
