@@ -87,8 +87,9 @@ def test_model_card_figures_reproduce(tmp_path):
     card = (ROOT / "docs" / "models.md").read_text()
     rows = dict(re.findall(r"^\| (AU\d\d) \|[^|]*\| *([\d.]+) *\|", card, re.M))
     assert list(rows) == OPENFACE_AUS
-    # Within 0.2 points: on another CPU a few frames near a threshold flip. Measured on an AMD
-    # EPYC (Zen 4) against the card's Intel figures: up to 0.11 (AU26 47.89 for 48.0), mean 52.37.
+    # Within 0.2 points: on another CPU a few frames near a threshold flip. Measured with the same
+    # code on an AMD EPYC (Zen 4) against an Intel Xeon: up to 0.11 per AU, mean 52.37 against 52.4.
+    # (The card's table is from the AMD machine.)
     for au, f1 in measured["f1"].items():
         assert float(rows[au]) == pytest.approx(f1, abs=0.2), au
     mean = re.search(r"^\| \*\*mean\*\* \|[^|]*\| \*\*([\d.]+)\*\* \|", card, re.M)
