@@ -265,6 +265,15 @@ def _device_option(device: str) -> Optional[str]:
     return None if device == "auto" else device
 
 
+def _init_checkpoint(value: Optional[str]) -> Optional[str]:
+    """--init-checkpoint: a path, or 'starter' for the checkpoint shipped in the package."""
+    if value == "starter":
+        from .checkpoint import STARTER
+
+        return str(STARTER)
+    return value
+
+
 @app.command("train")
 def train_command(
     dataset: DatasetLayout = typer.Option(DatasetLayout.bp4d, "--dataset", "-d", help="Dataset (AU set and list layout)."),
@@ -276,6 +285,9 @@ def train_command(
                                  help="resnet50, swin_base, or for experiments resnet18, swin_tiny, resnet_tiny."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Start from timm's ImageNet weights (downloaded unless cached)."),
     backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="Start the backbone from this file."),
+    init_checkpoint: Optional[str] = typer.Option(
+        None, "--init-checkpoint", help="Fine-tune: start MDHR from this aucli checkpoint ('starter': the shipped "
+        "one). Same AU set: all of it; another: backbone, static projection and MFD. Not its calibration head."),
     drop_path_rate: Optional[float] = typer.Option(None, "--drop-path-rate", help="Swin drop-path (default 0.5 for swin_base)."),
     feature_dim: int = typer.Option(512, "--feature-dim", help="Common feature width d."),
     k: int = typer.Option(5, "--k", min=1, help="MFD temporal pooling half-window."),
@@ -321,6 +333,7 @@ def train_command(
     cfg = TrainConfig(
         dataset=dataset.value, fold=fold, data_root=str(data_root) if data_root else None, backbone=backbone,
         pretrained=pretrained, backbone_weights=str(backbone_weights) if backbone_weights else None,
+        init_checkpoint=_init_checkpoint(init_checkpoint),
         drop_path_rate=drop_path_rate, feature_dim=feature_dim, k=k, clip_length=clip_length,
         batch_size=batch_size, epochs=epochs, clips_per_video=clips_per_video, lr=lr, weight_decay=weight_decay,
         betas=(beta1, beta2),

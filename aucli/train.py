@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -38,6 +39,7 @@ class TrainConfig:
     backbone: str = "resnet50"
     pretrained: bool = False
     backbone_weights: str | None = None
+    init_checkpoint: str | None = None  # fine-tuning: start MDHR from this aucli checkpoint
     drop_path_rate: float | None = None
     feature_dim: int = 512
     k: int = 5
@@ -211,6 +213,42 @@ def interrupted_line(where: dict[str, Any]) -> str:
     return f"training stopped {doing}; no epoch finished, so {run_dir} holds nothing to resume"
 
 
+#: Parts of MDHR that do not depend on the AU set: a checkpoint of another AU set can start them.
+AU_SET_FREE = ("backbone.", "static_proj.", "mfd.")
+
+
+def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> str:
+    """Fill a new MDHR from an aucli checkpoint before training (fine-tuning); a one-line summary.
+
+    The backbone, feature width and k must match. With the same AU set every tensor is taken;
+    with another, those of the backbone, static projection and MFD (the AU-specific HSR,
+    temporal convolutions and classifier keep their random start). A calibration head in the
+    checkpoint is not carried over: it belongs to the checkpoint's own MDHR.
+    """
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    theirs, mine = ckpt.metadata.model_config, model.config
+    for key, option in (("backbone", "--backbone"), ("feature_dim", "--feature-dim"), ("k", "--k")):
+        if theirs[key] != mine[key]:
+            raise UsageError(f"--init-checkpoint {path}: it has {key} {theirs[key]}, this run {mine[key]}; "
+                             f"set {option} {theirs[key]}")
+    same_aus = theirs["au_set"] == mine["au_set"]
+    own = model.state_dict()
+    wanted = [k for k in own if same_aus or k.startswith(AU_SET_FREE)]
+    absent = [k for k in wanted if k not in ckpt.state_dict]
+    misfit = [k for k in wanted if k in ckpt.state_dict and ckpt.state_dict[k].shape != own[k].shape]
+    if absent or misfit:
+        k = (absent or misfit)[0]
+        raise AucliError(f"--init-checkpoint {path}: its tensors do not fit this model "
+                         f"({len(absent)} absent, {len(misfit)} of another shape, e.g. {k})")
+    model.load_state_dict({k: ckpt.state_dict[k].to(own[k].dtype) for k in wanted}, strict=False)
+    if same_aus:
+        return f"started from {path}: all of MDHR ({len(wanted)} tensors)"
+    return (f"started from {path}: backbone, static projection and MFD ({len(wanted)} tensors); its AU set "
+            f"{theirs['au_set']} is not this run's {mine['au_set']}, so the AU-specific parts start at random")
+
+
 def _train(cfg: TrainConfig, where: dict[str, Any], *, resume: str | Path | None, stop_after: int | None,
            quiet: bool) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel
@@ -232,6 +270,9 @@ def _train(cfg: TrainConfig, where: dict[str, Any], *, resume: str | Path | None
         cfg = TrainConfig.from_dict(ckpt.extra["config"])
     if cfg.select_on_test and cfg.tune_thresholds:
         raise UsageError("--tune-thresholds with --select-on-test would tune on the test fold; use one")
+    if ckpt is None and cfg.init_checkpoint and (cfg.pretrained or cfg.backbone_weights):
+        raise UsageError("--init-checkpoint already gives the backbone its weights; "
+                         "leave out --pretrained and --backbone-weights")
 
     # 2. Processes and device. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -284,6 +325,10 @@ def _train(cfg: TrainConfig, where: dict[str, Any], *, resume: str | Path | None
     raw_model = MDHR(au_set, backbone=cfg.backbone, k=cfg.k, feature_dim=cfg.feature_dim,
                      pretrained=cfg.pretrained and ckpt is None, backbone_weights=None if ckpt else cfg.backbone_weights,
                      drop_path_rate=cfg.drop_path_rate).to(device)
+    if ckpt is None and cfg.init_checkpoint:
+        note = init_from_checkpoint(raw_model, cfg.init_checkpoint)
+        if is_main and not quiet:
+            print(note, file=sys.stderr)
     # Channels-last convolutions are faster on GPUs and on CPUs alike (an MDHR-ResNet-18 bf16 step
     # of 2 x 16 frames: 26.9 -> 31.6 frames/s on a 2-core Intel Xeon with AMX-BF16).
     raw_model = raw_model.to(memory_format=torch.channels_last)
@@ -324,6 +369,8 @@ def _train(cfg: TrainConfig, where: dict[str, Any], *, resume: str | Path | None
     source = {"kind": "trained", "dataset": cfg.dataset, "fold": cfg.fold, "data_root": str(Path(data_root).resolve()),
               "selection": "test fold" if cfg.select_on_test else "held-out training subjects",
               "val_subjects": val_subjects}
+    if cfg.init_checkpoint:
+        source["init_checkpoint"] = str(cfg.init_checkpoint)
     display = TrainDisplay(cfg.epochs, iters_per_epoch, enabled=is_main and not quiet)
     where.update(run_dir=run_dir, saved=start_epoch, display=display)
 

@@ -238,3 +238,70 @@ def test_eval_rejects_bad_inputs_with_one_line(small_data, tmp_path):
     assert "checkpoint is for AU set disfa, but synthetic uses bp4d" in done.stderr
     done = _aucli("eval", "--checkpoint", str(tmp_path / "disfa.pt"), "--data-root", str(tmp_path / "none"))
     assert done.returncode == 1 and "data root not found" in done.stderr and done.stderr.count("\n") == 1
+
+
+def _tiny_mdhr(au_set: str, seed: int, **changes):
+    from aucli.model import MDHR
+
+    torch.manual_seed(seed)
+    options = dict(backbone="resnet_tiny", feature_dim=64, k=2)
+    return MDHR(au_set, **{**options, **changes})
+
+
+def test_init_checkpoint_starts_mdhr_from_a_checkpoint(small_data, tmp_path):
+    # A "trained" model (random, seed 1) saved as a checkpoint; a run started from it with lr 0
+    # (AdamW's decay is lr-scaled, so nothing moves) must end with exactly its parameters.
+    start = _tiny_mdhr("bp4d", 1)
+    path = tmp_path / "start.pt"
+    save_checkpoint(path, start, clip_length=8, source={"kind": "trained"})
+    cfg = TrainConfig(**TINY, data_root=str(small_data), batch_size=2, epochs=1, lr=0.0,
+                      init_checkpoint=str(path), project=str(tmp_path), name="ft")
+    result = train(cfg, quiet=True)
+    last = load_checkpoint(Path(result["run_dir"]) / "last.pt")
+    params = dict(start.named_parameters())
+    assert params and all(torch.equal(last.state_dict[k], v.detach()) for k, v in params.items())
+    assert last.metadata.source["init_checkpoint"] == str(path)
+    # The same run without it starts elsewhere: the check above can fail.
+    cfg.init_checkpoint, cfg.name = None, "scratch"
+    scratch = load_checkpoint(Path(train(cfg, quiet=True)["run_dir"]) / "last.pt")
+    assert not all(torch.equal(scratch.state_dict[k], v.detach()) for k, v in params.items())
+
+
+def test_init_checkpoint_of_another_au_set_starts_the_shared_parts(tmp_path):
+    from aucli.train import AU_SET_FREE, init_from_checkpoint
+
+    start = _tiny_mdhr("bp4d", 1)
+    save_checkpoint(tmp_path / "bp4d.pt", start, clip_length=8)
+    model = _tiny_mdhr("disfa", 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    note = init_from_checkpoint(model, tmp_path / "bp4d.pt")
+    assert "AU set bp4d is not this run's disfa" in note
+    theirs, shared = start.state_dict(), 0
+    for k, v in model.state_dict().items():
+        if k.startswith(AU_SET_FREE):
+            shared += 1
+            assert torch.equal(v, theirs[k]), k
+        else:
+            assert torch.equal(v, before[k]), k  # AU-specific: still its own random start
+    assert shared and any(k.startswith("hsr.") for k in before)
+    with pytest.raises(Exception, match=r"it has feature_dim 64, this run 32; set --feature-dim 64"):
+        init_from_checkpoint(_tiny_mdhr("bp4d", 3, feature_dim=32), tmp_path / "bp4d.pt")
+
+
+def test_init_checkpoint_cli_errors_and_starter_name(small_data, tmp_path):
+    from aucli.checkpoint import STARTER
+    from aucli.cli import _init_checkpoint
+
+    assert _init_checkpoint("starter") == str(STARTER) and _init_checkpoint("x.pt") == "x.pt"
+    base = ["train", "--dataset", "synthetic", "--data-root", str(small_data), "--backbone", "resnet_tiny",
+            "--feature-dim", "64", "--k", "2", "--clip-length", "8", "--epochs", "1", "--workers", "0",
+            "--project", str(tmp_path), "--quiet"]
+    for extra, message in (
+        (["--init-checkpoint", str(tmp_path / "none.pt")], "none.pt: checkpoint not found"),
+        (["--init-checkpoint", "starter", "--backbone-weights", str(tmp_path / "b.pt")],
+         "--init-checkpoint already gives the backbone its weights"),
+        (["--init-checkpoint", "starter"], "it has backbone resnet18, this run resnet_tiny; set --backbone resnet18"),
+    ):
+        done = _aucli(*base, *extra)
+        assert done.returncode != 0 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert not (tmp_path / "synthetic_fold1_resnet_tiny").exists()  # no run folder left behind
