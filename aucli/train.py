@@ -217,22 +217,24 @@ def interrupted_line(where: dict[str, Any]) -> str:
 AU_SET_FREE = ("backbone.", "static_proj.", "mfd.")
 
 
-def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> str:
-    """Fill a new MDHR from an aucli checkpoint before training (fine-tuning); a one-line summary.
+def check_init_fits(theirs: dict[str, Any], mine: dict[str, Any], path: str | Path) -> None:
+    """--init-checkpoint: its backbone, feature width and k (``model_config``) must be this run's."""
+    for key, option in (("backbone", "--backbone"), ("feature_dim", "--feature-dim"), ("k", "--k")):
+        if theirs[key] != mine[key]:
+            raise UsageError(f"--init-checkpoint {path}: it has {key} {theirs[key]}, this run {mine[key]}; "
+                             f"set {option} {theirs[key]}")
+
+
+def init_from_checkpoint(model: torch.nn.Module, ckpt, path: str | Path) -> str:
+    """Fill a new MDHR from a loaded aucli checkpoint (fine-tuning); a one-line summary.
 
     The backbone, feature width and k must match. With the same AU set every tensor is taken;
     with another, those of the backbone, static projection and MFD (the AU-specific HSR,
     temporal convolutions and classifier keep their random start). A calibration head in the
     checkpoint is not carried over: it belongs to the checkpoint's own MDHR.
     """
-    from .checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(path)
     theirs, mine = ckpt.metadata.model_config, model.config
-    for key, option in (("backbone", "--backbone"), ("feature_dim", "--feature-dim"), ("k", "--k")):
-        if theirs[key] != mine[key]:
-            raise UsageError(f"--init-checkpoint {path}: it has {key} {theirs[key]}, this run {mine[key]}; "
-                             f"set {option} {theirs[key]}")
+    check_init_fits(theirs, mine, path)
     same_aus = theirs["au_set"] == mine["au_set"]
     own = model.state_dict()
     wanted = [k for k in own if same_aus or k.startswith(AU_SET_FREE)]
@@ -270,9 +272,14 @@ def _train(cfg: TrainConfig, where: dict[str, Any], *, resume: str | Path | None
         cfg = TrainConfig.from_dict(ckpt.extra["config"])
     if cfg.select_on_test and cfg.tune_thresholds:
         raise UsageError("--tune-thresholds with --select-on-test would tune on the test fold; use one")
-    if ckpt is None and cfg.init_checkpoint and (cfg.pretrained or cfg.backbone_weights):
-        raise UsageError("--init-checkpoint already gives the backbone its weights; "
-                         "leave out --pretrained and --backbone-weights")
+    init = None
+    if ckpt is None and cfg.init_checkpoint:  # read and checked before any data or process work
+        if cfg.pretrained or cfg.backbone_weights:
+            raise UsageError("--init-checkpoint already gives the backbone its weights; "
+                             "leave out --pretrained and --backbone-weights")
+        init = load_checkpoint(cfg.init_checkpoint)
+        check_init_fits(init.metadata.model_config, {"backbone": cfg.backbone, "feature_dim": cfg.feature_dim,
+                                                     "k": cfg.k}, cfg.init_checkpoint)
 
     # 2. Processes and device. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -325,8 +332,9 @@ def _train(cfg: TrainConfig, where: dict[str, Any], *, resume: str | Path | None
     raw_model = MDHR(au_set, backbone=cfg.backbone, k=cfg.k, feature_dim=cfg.feature_dim,
                      pretrained=cfg.pretrained and ckpt is None, backbone_weights=None if ckpt else cfg.backbone_weights,
                      drop_path_rate=cfg.drop_path_rate).to(device)
-    if ckpt is None and cfg.init_checkpoint:
-        note = init_from_checkpoint(raw_model, cfg.init_checkpoint)
+    if init is not None:
+        note = init_from_checkpoint(raw_model, init, cfg.init_checkpoint)
+        del init  # its tensors are in the model now
         if is_main and not quiet:
             print(note, file=sys.stderr)
     # Channels-last convolutions are faster on GPUs and on CPUs alike (an MDHR-ResNet-18 bf16 step

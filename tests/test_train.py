@@ -274,7 +274,7 @@ def test_init_checkpoint_of_another_au_set_starts_the_shared_parts(tmp_path):
     save_checkpoint(tmp_path / "bp4d.pt", start, clip_length=8)
     model = _tiny_mdhr("disfa", 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    note = init_from_checkpoint(model, tmp_path / "bp4d.pt")
+    note = init_from_checkpoint(model, load_checkpoint(tmp_path / "bp4d.pt"), tmp_path / "bp4d.pt")
     assert "AU set bp4d is not this run's disfa" in note
     theirs, shared = start.state_dict(), 0
     for k, v in model.state_dict().items():
@@ -285,7 +285,8 @@ def test_init_checkpoint_of_another_au_set_starts_the_shared_parts(tmp_path):
             assert torch.equal(v, before[k]), k  # AU-specific: still its own random start
     assert shared and any(k.startswith("hsr.") for k in before)
     with pytest.raises(Exception, match=r"it has feature_dim 64, this run 32; set --feature-dim 64"):
-        init_from_checkpoint(_tiny_mdhr("bp4d", 3, feature_dim=32), tmp_path / "bp4d.pt")
+        init_from_checkpoint(_tiny_mdhr("bp4d", 3, feature_dim=32), load_checkpoint(tmp_path / "bp4d.pt"),
+                             tmp_path / "bp4d.pt")
 
 
 def test_init_checkpoint_cli_errors_and_starter_name(small_data, tmp_path):
