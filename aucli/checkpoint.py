@@ -31,6 +31,13 @@ FORMAT_VERSION = 1
 STARTER = Path(__file__).resolve().parent / "weights" / "starter.pt"
 
 
+def named_checkpoint(value: str | Path) -> Path:
+    """A checkpoint option's value as a path: ``starter`` names the shipped starter model
+    (unless a file or folder of that name is in the current folder)."""
+    path = Path(value)
+    return STARTER if str(value) == "starter" and not path.exists() else path
+
+
 @dataclass
 class CheckpointMetadata:
     """Everything needed to rebuild the model and read its outputs."""

@@ -87,7 +87,8 @@ def convert_official(
 
 @app.command("export")
 def export_command(
-    source: Path = typer.Argument(..., help="An aucli checkpoint, e.g. runs/train/NAME/best.pt."),
+    source: Path = typer.Argument(..., help="An aucli checkpoint, e.g. runs/train/NAME/best.pt "
+                                  "('starter': the shipped one)."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the slim checkpoint (.pt)."),
     half: bool = typer.Option(True, "--fp16/--fp32", help="Store floating tensors as fp16 (upcast on load)."),
     kind: Optional[str] = typer.Option(None, "--kind", help="Provenance kind to record, e.g. distilled."),
@@ -97,7 +98,7 @@ def export_command(
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
 ) -> None:
     """Write a checkpoint for sharing: no optimiser or training state, fp16 tensors by default."""
-    from .checkpoint import export_checkpoint
+    from .checkpoint import export_checkpoint, named_checkpoint
     from .errors import UsageError
 
     if output.exists() and not force:
@@ -105,7 +106,7 @@ def export_command(
     update = {k: v for k, v in (("kind", kind), ("description", description)) if v is not None}
     if not keep_data_root:
         update["data_root"] = None
-    meta = export_checkpoint(source, output, half=half, source_update=update)
+    meta = export_checkpoint(named_checkpoint(source), output, half=half, source_update=update)
     typer.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB): MDHR-{meta.backbone}, {meta.au_set}",
                err=True)
 
@@ -190,7 +191,8 @@ def detect(
     ),
     format: Optional[OutputFormat] = typer.Option(None, "--format", help="Output format: csv (the default) or json."),
     checkpoint: Optional[Path] = typer.Option(
-        None, "--checkpoint", help="aucli checkpoint; else $AUCLI_CHECKPOINT, else the one .pt in ./weights/."
+        None, "--checkpoint", help="aucli checkpoint ('starter': the shipped one); else $AUCLI_CHECKPOINT, "
+        "else the one .pt in ./weights/, else the shipped starter."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Frames per batch (results do not depend on it)."),
@@ -267,11 +269,9 @@ def _device_option(device: str) -> Optional[str]:
 
 def _init_checkpoint(value: Optional[str]) -> Optional[str]:
     """--init-checkpoint: a path, or 'starter' for the checkpoint shipped in the package."""
-    if value == "starter":
-        from .checkpoint import STARTER
+    from .checkpoint import named_checkpoint
 
-        return str(STARTER)
-    return value
+    return None if value is None else str(named_checkpoint(value))
 
 
 @app.command("train")
@@ -395,7 +395,8 @@ def pretrain_command(
 
 @app.command("calibrate")
 def calibrate_command(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint written by aucli train (best.pt)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint written by aucli train (best.pt), "
+                                    "or 'starter' (the shipped one)."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the checkpoint with the head."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Override the checkpoint's data root."),
     dataset: Optional[DatasetLayout] = typer.Option(None, "--dataset", "-d", help="Override the checkpoint's dataset."),
@@ -416,6 +417,7 @@ def calibrate_command(
     import torch
 
     from .calibration import calibrate_checkpoint
+    from .checkpoint import named_checkpoint
     from .errors import UsageError
 
     if output.exists():
@@ -424,7 +426,7 @@ def calibrate_command(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     log = (lambda line: None) if quiet else (lambda line: typer.echo(line, err=True))
     result = calibrate_checkpoint(
-        checkpoint, output, data_root=data_root, dataset=dataset.value if dataset else None, fold=fold,
+        named_checkpoint(checkpoint), output, data_root=data_root, dataset=dataset.value if dataset else None, fold=fold,
         val_fraction=val_fraction, seed=seed, hog_components=hog_components, epochs=epochs, lr=lr, l2=l2,
         batch_size=batch_size, device=device, workers=workers, log=log)
     if not quiet:
@@ -435,7 +437,8 @@ def calibrate_command(
 
 @app.command("eval")
 def eval_command(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint written by aucli train (best.pt)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A checkpoint written by aucli train (best.pt), "
+                                    "or 'starter' (the shipped one)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Override the checkpoint's data root."),
     dataset: Optional[DatasetLayout] = typer.Option(None, "--dataset", "-d", help="Override the checkpoint's dataset."),
     fold: Optional[int] = typer.Option(None, "--fold", "-f", min=1, max=3, help="Override the checkpoint's fold."),
@@ -456,6 +459,7 @@ def eval_command(
 
     import torch
 
+    from .checkpoint import named_checkpoint
     from .errors import UsageError
     from .evaluate import evaluate_checkpoint, print_metrics
 
@@ -464,7 +468,7 @@ def eval_command(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     result = evaluate_checkpoint(
-        checkpoint, data_root=data_root, dataset=dataset.value if dataset else None, fold=fold, split=split,
+        named_checkpoint(checkpoint), data_root=data_root, dataset=dataset.value if dataset else None, fold=fold, split=split,
         protocol=protocol.value, thresholds=threshold, batch_size=batch_size, device=device, workers=workers,
     )
     if json_path is not None:

@@ -28,13 +28,16 @@ def plan_outputs(
 ) -> tuple[list[Job], str, Path | None, list[str]]:
     """Decide where each input's table goes -> (jobs, format, folder to create, notes).
 
-    One input: ``-o`` may name the file (its suffix picks the format). Several:
-    ``-o`` is a folder. Without ``-o``: ``<stem>.<ext>`` in the current folder.
+    One input: ``-o`` may name the file (its suffix picks the format); a new path with
+    another suffix is refused, not made a folder. Several: ``-o`` is a folder. Without ``-o``: ``<stem>.<ext>`` in the current folder.
     Two inputs with the same stem get their parent folder's name as a prefix,
     never one overwriting the other.
     """
     suffix = output.suffix.lower().lstrip(".") if output is not None else ""
     to_file = output is not None and suffix in WRITERS and not output.is_dir()
+    if output is not None and suffix and not to_file and len(sources) == 1 and not output.exists():
+        raise UsageError(f"-o {output}: .{suffix} is not a table format; name a .csv or .json file, "
+                         "or a folder (one without a suffix, or one that exists)")
     if to_file and len(sources) > 1:
         raise UsageError(f"-o {output}: with {len(sources)} inputs, -o must be a folder")
     if to_file and format and format != suffix:

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .checkpoint import STARTER
+from .checkpoint import STARTER, named_checkpoint
 from .errors import UsageError
 from .faces import (
     FaceDetection,
@@ -70,10 +70,12 @@ class Progress(Protocol):
 
 
 def resolve_checkpoint(checkpoint: str | Path | None = None) -> Path:
-    """--checkpoint, else $AUCLI_CHECKPOINT, else the single .pt file in ./weights/, else the shipped starter."""
+    """--checkpoint, else $AUCLI_CHECKPOINT, else the single .pt file in ./weights/, else the shipped starter.
+
+    ``starter`` as --checkpoint or $AUCLI_CHECKPOINT names the shipped starter."""
     chosen = checkpoint or os.environ.get("AUCLI_CHECKPOINT")
     if chosen:
-        path = Path(chosen)
+        path = named_checkpoint(chosen)
         if not path.is_file():
             raise UsageError(f"{path}: checkpoint not found; {CHECKPOINT_HELP}")
         return path

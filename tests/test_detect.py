@@ -333,6 +333,18 @@ def test_unwritable_output_and_checkpoint_problems(tmp_path, monkeypatch, capsys
     assert len(pd.read_csv(tmp_path / "clip.csv")) == 10
 
 
+def test_output_with_an_unknown_suffix_is_refused_not_made_a_folder(tmp_path, monkeypatch, capsys, checkpoint):
+    clip = make_video(tmp_path / "clip.mp4")
+    code, err = run_cli(monkeypatch, capsys, "detect", clip, "-o", tmp_path / "aus.txt", "--checkpoint", checkpoint)
+    assert code == 2
+    _one_line_error(err, "aus.txt", ".csv or .json")
+    assert not (tmp_path / "aus.txt").exists()
+    existing = tmp_path / "results.v2"  # a folder that exists may have a suffix
+    existing.mkdir()
+    code, err = run_cli(monkeypatch, capsys, "detect", clip, "-o", existing, "--checkpoint", checkpoint, "--quiet")
+    assert code == 0 and len(pd.read_csv(existing / "clip.csv")) == 10
+
+
 def test_several_inputs_one_failure(tmp_path, monkeypatch, capsys, checkpoint):
     for folder in ("a", "b"):
         (tmp_path / "in" / folder).mkdir(parents=True)

@@ -46,6 +46,28 @@ def test_resolution_order(tmp_path, monkeypatch):
     flag = tiny_checkpoint(tmp_path / "flag.pt")
     assert resolve_checkpoint(flag) == flag
     assert mine.is_file()
+    # 'starter' names the shipped model, as a flag or in the environment, unless a file has that name
+    assert resolve_checkpoint("starter") == STARTER
+    monkeypatch.setenv("AUCLI_CHECKPOINT", "starter")
+    assert resolve_checkpoint() == STARTER
+    own = tiny_checkpoint(tmp_path / "starter")
+    assert resolve_checkpoint("starter") == Path("starter") and own.is_file()
+
+
+def test_commands_accept_the_starter_name(tmp_path):
+    """eval, calibrate and export take 'starter' for the shipped checkpoint (a user of a pip install
+    does not know its path): they get past the checkpoint to the next problem, or do their job."""
+    env = {k: v for k, v in os.environ.items() if k != "AUCLI_CHECKPOINT"}
+    missing = str(tmp_path / "no-data")
+    for args in (["eval", "--checkpoint", "starter", "--data-root", missing],
+                 ["calibrate", "-c", "starter", "-o", str(tmp_path / "cal.pt"), "--data-root", missing]):
+        done = subprocess.run([sys.executable, "-m", "aucli", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0 and "no-data" in done.stderr and "checkpoint not found" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "aucli", "export", "starter", "-o", "copy.pt"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert load_checkpoint(tmp_path / "copy.pt").metadata.au_set == "openface"
 
 
 def test_detect_with_no_flags_from_another_folder(tmp_path):
