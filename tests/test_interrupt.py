@@ -16,9 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def interrupt_when(command: list[str], ready, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``command`` in its own process group and send the whole group SIGINT, as a
-    terminal's Ctrl-C does, once ``ready()`` is true."""
+    terminal's Ctrl-C does, once ``ready()`` is true.
+
+    The child gets SIGINT's default disposition back: a shell starts background jobs with
+    SIGINT ignored, children inherit that, and Python then never raises KeyboardInterrupt,
+    so a suite run from such a job would otherwise see the command finish undisturbed.
+    """
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + timeout
         while not ready():
