@@ -426,8 +426,8 @@ def calibrate_command(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     log = (lambda line: None) if quiet else (lambda line: typer.echo(line, err=True))
     result = calibrate_checkpoint(
-        named_checkpoint(checkpoint), output, data_root=data_root, dataset=dataset.value if dataset else None, fold=fold,
-        val_fraction=val_fraction, seed=seed, hog_components=hog_components, epochs=epochs, lr=lr, l2=l2,
+        named_checkpoint(checkpoint), output, data_root=data_root, dataset=dataset.value if dataset else None,
+        fold=fold, val_fraction=val_fraction, seed=seed, hog_components=hog_components, epochs=epochs, lr=lr, l2=l2,
         batch_size=batch_size, device=device, workers=workers, log=log)
     if not quiet:
         typer.echo(f"validation mean F1 {result['val'].mean_f1:.1f} with the head, "
@@ -468,8 +468,8 @@ def eval_command(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     result = evaluate_checkpoint(
-        named_checkpoint(checkpoint), data_root=data_root, dataset=dataset.value if dataset else None, fold=fold, split=split,
-        protocol=protocol.value, thresholds=threshold, batch_size=batch_size, device=device, workers=workers,
+        named_checkpoint(checkpoint), data_root=data_root, dataset=dataset.value if dataset else None, fold=fold,
+        split=split, protocol=protocol.value, thresholds=threshold, batch_size=batch_size, device=device, workers=workers,
     )
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

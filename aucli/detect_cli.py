@@ -29,7 +29,8 @@ def plan_outputs(
     """Decide where each input's table goes -> (jobs, format, folder to create, notes).
 
     One input: ``-o`` may name the file (its suffix picks the format); a new path with
-    another suffix is refused, not made a folder. Several: ``-o`` is a folder. Without ``-o``: ``<stem>.<ext>`` in the current folder.
+    another suffix is refused, not made a folder. Several: ``-o`` is a folder. Without
+    ``-o``: ``<stem>.<ext>`` in the current folder.
     Two inputs with the same stem get their parent folder's name as a prefix,
     never one overwriting the other.
     """
