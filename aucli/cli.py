@@ -469,7 +469,8 @@ def eval_command(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     result = evaluate_checkpoint(
         named_checkpoint(checkpoint), data_root=data_root, dataset=dataset.value if dataset else None, fold=fold,
-        split=split, protocol=protocol.value, thresholds=threshold, batch_size=batch_size, device=device, workers=workers,
+        split=split, protocol=protocol.value, thresholds=threshold, batch_size=batch_size, device=device,
+        workers=workers,
     )
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
