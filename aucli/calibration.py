@@ -7,10 +7,12 @@ typical face. MDHR sees 16-frame windows and cannot know that. This head adds
 it after MDHR, per face track:
 
 * per frame: MDHR's probabilities (as log p), the backbone's final map
-  averaged over space, and a histogram of oriented gradients (HOG) of the
-  grey 112-px face projected on a fixed PCA basis;
+  averaged over space, a histogram of oriented gradients (HOG) of the
+  grey 112-px face and, optionally, a Felzenszwalb HOG of the inner face (the
+  kind of appearance feature OpenFace 2.0 itself uses), each projected on a
+  fixed PCA basis;
 * per track: the median of each of those over the track's frames;
-* x = [log p, log p - median, backbone - median, HOG - median], standardised;
+* x = [log p, log p - median, backbone - median, HOG - median(, FHOG - median)], standardised;
   one linear layer and a sigmoid give the calibrated probability of each AU.
 
 MDHR itself is unchanged; a checkpoint either has the head (``video_head``)
@@ -37,6 +39,15 @@ HOG_CELL = 8  # pixels per cell side: 14 x 14 cells
 HOG_BINS = 9  # unsigned orientations over 0..180 degrees
 HOG_CLIP = 0.2  # block normalisation: L2, clip, L2 again
 PROB_EPS = 1e-3  # log p with p clipped to [eps, 1 - eps]
+
+# Felzenszwalb HOG ("FHOG": 18 signed and 9 unsigned orientations and 4 gradient energies per cell,
+# each cell normalised by its four 2x2 blocks), on the inner face: this square of the aligned face
+# (top, left and side as shares of its side; eyebrows to chin, cheek to cheek) area-resized to 112 px.
+FHOG_CROP = (0.0859375, 0.109375, 0.78125)
+FHOG_SIZE = 112
+FHOG_CELL = 8  # 14 x 14 cells; the border cells only serve their neighbours' normalisation
+FHOG_ORIENTATIONS = 18  # signed, over 0..360 degrees
+FHOG_TRUNC = 0.2
 
 
 def hog_dim(size: int = HOG_SIZE) -> int:
@@ -79,6 +90,71 @@ def hog(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> to
     return blocks.flatten(1)
 
 
+def fhog_dim() -> int:
+    inner = FHOG_SIZE // FHOG_CELL - 2
+    return inner * inner * (FHOG_ORIENTATIONS + FHOG_ORIENTATIONS // 2 + 4)
+
+
+def _tent(device: torch.device) -> torch.Tensor:
+    """(cells, pixels): each pixel's share in the cells whose centres are within one cell of it."""
+    pixels = torch.arange(FHOG_SIZE, device=device, dtype=torch.float32) + 0.5
+    centres = torch.arange(FHOG_SIZE // FHOG_CELL, device=device, dtype=torch.float32) * FHOG_CELL + FHOG_CELL / 2
+    return (1 - (pixels[None] - centres[:, None]).abs() / FHOG_CELL).clamp(min=0)
+
+
+def fhog(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Model-input frames (M, 3, H, W), normalised with mean/std -> FHOG (M, fhog_dim()) float32.
+
+    The inner face (FHOG_CROP) is de-normalised to 0..255 and area-resized to 112 px. Per pixel,
+    the colour channel with the strongest gradient (central differences) votes its magnitude
+    for the nearest of 18 directions, shared between the four nearest 8-px cells (bilinear).
+    Per inner cell, each of its four 2x2 blocks of cells gives a normaliser (the block's
+    unsigned-orientation energy); the 18 signed and 9 unsigned histograms, normalised by each,
+    truncated at 0.2 and summed over the four, and per normaliser the sum over the 18
+    directions, make 31 values (Felzenszwalb et al., PAMI 2010).
+    """
+    x = frames.float()
+    side = x.shape[-1]
+    top, left, size = (int(round(share * side)) for share in FHOG_CROP)
+    x = x[:, :, top : top + size, left : left + size]
+    x = F.interpolate(x, size=FHOG_SIZE, mode="area")
+    scale = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255.0
+    x = x * scale  # the offset (mean) cancels in the differences
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    gx = padded[:, :, 1:-1, 2:] - padded[:, :, 1:-1, :-2]
+    gy = padded[:, :, 2:, 1:-1] - padded[:, :, :-2, 1:-1]
+    energy2 = gx * gx + gy * gy  # per channel; keep the strongest (comparisons: argmax over 3 is slow)
+    best_x, best_y, best = gx[:, :1], gy[:, :1], energy2[:, :1]
+    for c in (1, 2):
+        stronger = energy2[:, c : c + 1] > best
+        best_x = torch.where(stronger, gx[:, c : c + 1], best_x)
+        best_y = torch.where(stronger, gy[:, c : c + 1], best_y)
+        best = torch.maximum(best, energy2[:, c : c + 1])
+    # Below a hundredth of a grey level a gradient is the rounding of the de-normalisation: none.
+    gx, gy, magnitude = best_x, best_y, torch.where(best > 1e-4, torch.sqrt(best), 0.0)
+    direction = torch.round(torch.atan2(gy, gx) * (FHOG_ORIENTATIONS / (2 * math.pi))).long() % FHOG_ORIENTATIONS
+    votes = torch.zeros(x.shape[0], FHOG_ORIENTATIONS, FHOG_SIZE, FHOG_SIZE, device=x.device)
+    votes.scatter_(1, direction, magnitude)
+    tent = _tent(x.device)
+    hist = tent @ votes @ tent.T  # (M, 18, 14, 14)
+    half = FHOG_ORIENTATIONS // 2
+    energy = (hist[:, :half] + hist[:, half:]).pow(2).sum(1)
+    blocks = energy[:, :-1, :-1] + energy[:, 1:, :-1] + energy[:, :-1, 1:] + energy[:, 1:, 1:]
+    inverse = torch.rsqrt(blocks + 1e-4)
+    norms = [inverse[:, 1:, 1:], inverse[:, :-1, 1:], inverse[:, 1:, :-1], inverse[:, :-1, :-1]]
+    signed = hist[:, :, 1:-1, 1:-1]
+    unsigned = signed[:, :half] + signed[:, half:]
+    parts_signed, parts_unsigned, texture = 0, 0, []
+    for norm in norms:
+        n = norm[:, None]
+        cut = (signed * n).clamp(max=FHOG_TRUNC)
+        parts_signed = parts_signed + cut
+        parts_unsigned = parts_unsigned + (unsigned * n).clamp(max=FHOG_TRUNC)
+        texture.append(cut.sum(1))
+    out = torch.cat([0.5 * parts_signed, 0.5 * parts_unsigned, 0.2357 * torch.stack(texture, 1)], 1)
+    return out.permute(0, 2, 3, 1).flatten(1)
+
+
 def pooled(final_map: torch.Tensor) -> torch.Tensor:
     """The backbone's final map (M, C, h, w) averaged over space -> (M, C) float32."""
     return final_map.float().mean((2, 3))
@@ -94,34 +170,58 @@ def group_medians(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 
 class VideoHead(nn.Module):
-    """The calibration head: PCA basis for HOG, standardisation and one linear layer."""
+    """The calibration head: PCA bases for HOG (and FHOG), standardisation and one linear layer.
 
-    def __init__(self, num_aus: int, backbone_channels: int, hog_components: int) -> None:
+    ``fhog_components`` = 0 (heads fitted before FHOG was added) leaves FHOG out."""
+
+    def __init__(self, num_aus: int, backbone_channels: int, hog_components: int, fhog_components: int = 0) -> None:
         super().__init__()
         self.num_aus, self.backbone_channels, self.hog_components = num_aus, backbone_channels, hog_components
-        width = 2 * num_aus + backbone_channels + hog_components
+        self.fhog_components = fhog_components
+        width = 2 * num_aus + backbone_channels + hog_components + fhog_components
         self.register_buffer("hog_mean", torch.zeros(hog_dim()))
         self.register_buffer("hog_basis", torch.zeros(hog_components, hog_dim()))
+        if fhog_components:
+            self.register_buffer("fhog_mean", torch.zeros(fhog_dim()))
+            self.register_buffer("fhog_basis", torch.zeros(fhog_components, fhog_dim()))
         self.register_buffer("x_mean", torch.zeros(width))
         self.register_buffer("x_std", torch.ones(width))
         self.linear = nn.Linear(width, num_aus)
 
     @property
     def config(self) -> dict[str, int]:
-        return {"num_aus": self.num_aus, "backbone_channels": self.backbone_channels,
-                "hog_components": self.hog_components}
+        config = {"num_aus": self.num_aus, "backbone_channels": self.backbone_channels,
+                  "hog_components": self.hog_components}
+        if self.fhog_components:
+            config["fhog_components"] = self.fhog_components
+        return config
 
     @property
     def frame_width(self) -> int:
-        return self.backbone_channels + self.hog_components
+        return self.backbone_channels + self.hog_components + self.fhog_components
 
     def project_hog(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw HOG (M, hog_dim()) -> its (M, K) PCA components."""
         return (raw - self.hog_mean.to(raw.device)) @ self.hog_basis.to(raw.device).float().T
 
+    def project_fhog(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw FHOG (M, fhog_dim()) -> its (M, K2) PCA components."""
+        return (raw - self.fhog_mean.to(raw.device)) @ self.fhog_basis.to(raw.device).float().T
+
+    def project(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw per-frame features [pooled backbone, HOG(, FHOG)] (M, C + D(+ D2)) -> (M, frame_width)."""
+        c, d = self.backbone_channels, hog_dim()
+        parts = [raw[:, :c], self.project_hog(raw[:, c : c + d])]
+        if self.fhog_components:
+            parts.append(self.project_fhog(raw[:, c + d :]))
+        return torch.cat(parts, 1)
+
     def frame_features(self, frames: torch.Tensor, final_map: torch.Tensor, mean, std) -> torch.Tensor:
-        """Per-frame inputs (M, C + K) from the model-input frames and the backbone's final map."""
-        return torch.cat([pooled(final_map), self.project_hog(hog(frames, mean, std))], 1).cpu()
+        """Per-frame inputs (M, frame_width) from the model-input frames and the backbone's final map."""
+        parts = [pooled(final_map), self.project_hog(hog(frames, mean, std))]
+        if self.fhog_components:
+            parts.append(self.project_fhog(fhog(frames, mean, std)))
+        return torch.cat(parts, 1).cpu()
 
     def inputs(self, probs: np.ndarray, features: np.ndarray, groups: np.ndarray) -> np.ndarray:
         """(F, N) MDHR probabilities and (F, C + K) frame features of tracks ``groups`` -> (F, width)."""
@@ -143,7 +243,9 @@ class VideoHead(nn.Module):
 def head_state(head: VideoHead) -> dict[str, Any]:
     """What a checkpoint stores under ``video_head``: the config and the tensors (basis in fp16)."""
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    state["hog_basis"] = state["hog_basis"].half()
+    for name in ("hog_basis", "fhog_basis"):
+        if name in state:
+            state[name] = state[name].half()
     return {"config": head.config, "state_dict": state}
 
 
@@ -165,28 +267,39 @@ def head_from_state(stored: Any, where: str) -> VideoHead:
 
 
 def fit_head(probs: np.ndarray, features: np.ndarray, hogs: np.ndarray, groups: np.ndarray,
-             labels: np.ndarray, *, hog_components: int = 256, epochs: int = 60, lr: float = 1e-3,
-             l2: float = 1e-3, seed: int = 0, progress=None) -> VideoHead:
-    """Fit the head on training frames: MDHR probs (F, N), pooled backbone (F, C), raw HOG (F, D).
+             labels: np.ndarray, *, hog_components: int = 256, fhogs: np.ndarray | None = None,
+             fhog_components: int = 0, epochs: int = 60, lr: float = 1e-3, l2: float = 1e-3, seed: int = 0,
+             progress=None) -> VideoHead:
+    """Fit the head on training frames: MDHR probs (F, N), pooled backbone (F, C), raw HOG (F, D)
+    and, with ``fhog_components``, raw FHOG ``fhogs`` (F, D2).
 
-    PCA of HOG on every 4th training frame; weighted logistic loss (positives and negatives of
-    each AU weighted to equal shares, unknown labels masked), Adam in batches of 1024.
+    PCA of HOG (and FHOG) on every 4th training frame; weighted logistic loss (positives and
+    negatives of each AU weighted to equal shares, unknown labels masked), Adam in batches of 1024.
     """
     generator = torch.Generator().manual_seed(seed)
     num_aus, channels = probs.shape[1], features.shape[1]
     if not len(probs) == len(features) == len(hogs) == len(groups) == len(labels) or labels.shape[1] != num_aus:
         raise AucliError("calibration inputs disagree in frames or AUs")
-    if hog_components > min(hogs.shape[1], len(hogs[::4])):
-        raise AucliError(f"--hog-components {hog_components}: at most {min(hogs.shape[1], len(hogs[::4]))} "
-                         "for this many frames")
-    head = VideoHead(num_aus, channels, hog_components)
-    hog_mean = hogs.mean(0)
-    _, _, vt = np.linalg.svd(hogs[::4] - hog_mean, full_matrices=False)
-    basis = vt[:hog_components].astype(np.float16)  # as stored: fit with the basis the checkpoint holds
-    head.hog_mean.copy_(torch.from_numpy(hog_mean))
-    head.hog_basis.copy_(torch.from_numpy(basis.astype(np.float32)))
-    projected = head.project_hog(torch.from_numpy(np.asarray(hogs, np.float32))).numpy()
-    x = head.inputs(probs, np.concatenate([features, projected], 1), groups)
+    blocks = [("hog", hogs, hog_components)]
+    if fhog_components:
+        if fhogs is None or len(fhogs) != len(probs):
+            raise AucliError("calibration inputs disagree in frames or AUs")
+        blocks.append(("fhog", fhogs, fhog_components))
+    for name, raw, k in blocks:
+        if k > min(raw.shape[1], len(raw[::4])):
+            raise AucliError(f"--{name}-components {k}: at most {min(raw.shape[1], len(raw[::4]))} "
+                             "for this many frames")
+    head = VideoHead(num_aus, channels, hog_components, fhog_components)
+    projected = [features]
+    for name, raw, k in blocks:
+        raw_mean = raw.mean(0)
+        _, _, vt = np.linalg.svd(raw[::4] - raw_mean, full_matrices=False)
+        basis = vt[:k].astype(np.float16)  # as stored: fit with the basis the checkpoint holds
+        getattr(head, f"{name}_mean").copy_(torch.from_numpy(raw_mean))
+        getattr(head, f"{name}_basis").copy_(torch.from_numpy(basis.astype(np.float32)))
+        project = head.project_hog if name == "hog" else head.project_fhog
+        projected.append(project(torch.from_numpy(np.asarray(raw, np.float32))).numpy())
+    x = head.inputs(probs, np.concatenate(projected, 1), groups)
     mean, std = x.mean(0), x.std(0) + 1e-4
     head.x_mean.copy_(torch.from_numpy(mean))
     head.x_std.copy_(torch.from_numpy(std))
@@ -218,7 +331,8 @@ def fit_head(probs: np.ndarray, features: np.ndarray, hogs: np.ndarray, groups: 
 
 def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | None = None,
                          fold: int | None = None, val_fraction: float = 0.15, seed: int = 0,
-                         hog_components: int = 256, epochs: int = 60, lr: float = 1e-3, l2: float = 1e-3,
+                         hog_components: int = 256, fhog_components: int = 256, epochs: int = 60,
+                         lr: float = 1e-3, l2: float = 1e-3,
                          batch_size: int = 4, device: str = "cpu", workers: int = 0,
                          log=None) -> dict[str, Any]:
     """Fit a calibration head for ``checkpoint`` on the training people of its fold, tune the
@@ -255,8 +369,11 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
         raise AucliError(f"{data_root}: no training frames left after holding out the validation people")
     dtype = torch.bfloat16 if resolve_precision("auto", torch.device(device)) == "bf16" else None
 
-    def raw_features(frames, final_map):  # pooled backbone and un-projected HOG
-        return torch.cat([pooled(final_map), hog(frames, meta.mean, meta.std)], 1).cpu()
+    def raw_features(frames, final_map):  # pooled backbone and un-projected HOG (and FHOG)
+        parts = [pooled(final_map), hog(frames, meta.mean, meta.std)]
+        if fhog_components:
+            parts.append(fhog(frames, meta.mean, meta.std))
+        return torch.cat(parts, 1).cpu()
 
     outputs = {}
     for name, split in splits.items():
@@ -266,22 +383,40 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
     channels = int(model.backbone.token_channels)
     probs, feats = outputs["train"]
     log(f"fitting the head ({epochs} epochs)")
-    head = fit_head(probs, feats[:, :channels], feats[:, channels:], video_groups(splits["train"]),
-                    splits["train"].labels, hog_components=hog_components, epochs=epochs, lr=lr, l2=l2, seed=seed)
+    end = channels + hog_dim()
+    head = fit_head(probs, feats[:, :channels], feats[:, channels:end], video_groups(splits["train"]),
+                    splits["train"].labels, hog_components=hog_components,
+                    fhogs=feats[:, end:] if fhog_components else None, fhog_components=fhog_components,
+                    epochs=epochs, lr=lr, l2=l2, seed=seed)
 
     def calibrated(name: str) -> np.ndarray:
         p, f = outputs[name]
-        projected = head.project_hog(torch.from_numpy(f[:, channels:])).numpy()
-        return head.calibrate(p, np.concatenate([f[:, :channels], projected], 1), video_groups(splits[name]))
+        return head.calibrate(p, head.project(torch.from_numpy(f)).numpy(), video_groups(splits[name]))
 
     val_probs = calibrated("val")
     thresholds = tune_thresholds(val_probs, splits["val"].labels, np.round(np.arange(0.02, 0.981, 0.02), 2))
     au_set = get_au_set(meta.au_set)
     val = au_metrics(au_set, val_probs, splits["val"].labels, thresholds)
-    before = au_metrics(au_set, outputs["val"][0], splits["val"].labels, meta.thresholds)
+    # What the checkpoint gave before: MDHR alone, or the head it already has (its thresholds are that
+    # head's), the latter on the same frames if the features computed here cover what it reads.
+    previous = getattr(model, "video_head", None)
+    if previous is None:
+        before = au_metrics(au_set, outputs["val"][0], splits["val"].labels, meta.thresholds)
+    elif previous.fhog_components and not fhog_components:
+        before = None
+    else:
+        p, f = outputs["val"]
+        f = f if previous.fhog_components else f[:, :end]
+        before = au_metrics(au_set, previous.calibrate(p, previous.project(torch.from_numpy(f)).numpy(),
+                                                       video_groups(splits["val"])),
+                            splits["val"].labels, meta.thresholds)
     record = {"video_head": {"fitted_on": "training people", "train_frames": len(splits["train"]),
                              "val_subjects": sorted(val_subjects), "hog_components": hog_components,
-                             "epochs": epochs, "lr": lr, "l2": l2, "seed": seed,
-                             "val_mean_f1": val.mean_f1, "val_mean_f1_without": before.mean_f1}}
+                             "fhog_components": fhog_components,
+                             "epochs": epochs, "lr": lr, "l2": l2, "seed": seed, "val_mean_f1": val.mean_f1}}
+    if before is not None:
+        key = "val_mean_f1_without" if previous is None else "val_mean_f1_previous_head"
+        record["video_head"][key] = before.mean_f1
     save_with_video_head(checkpoint, output, head_state(head), thresholds, record)
-    return {"output": str(output), "val": val, "val_without": before, "val_subjects": sorted(val_subjects)}
+    return {"output": str(output), "val": val, "before": before, "replaced_head": previous is not None,
+            "val_subjects": sorted(val_subjects)}

@@ -402,6 +402,8 @@ def calibrate_command(
     dataset: Optional[DatasetLayout] = typer.Option(None, "--dataset", "-d", help="Override the checkpoint's dataset."),
     fold: Optional[int] = typer.Option(None, "--fold", "-f", min=1, max=3, help="Override the checkpoint's fold."),
     hog_components: int = typer.Option(256, "--hog-components", min=1, help="PCA components of the HOG features."),
+    fhog_components: int = typer.Option(256, "--fhog-components", min=0,
+                                         help="PCA components of the inner face's Felzenszwalb HOG (0: none)."),
     epochs: int = typer.Option(60, "--epochs", min=1, help="Passes over the training frames (Adam)."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
     l2: float = typer.Option(1e-3, "--l2", min=0.0, help="L2 penalty on the head's weights."),
@@ -427,12 +429,19 @@ def calibrate_command(
     log = (lambda line: None) if quiet else (lambda line: typer.echo(line, err=True))
     result = calibrate_checkpoint(
         named_checkpoint(checkpoint), output, data_root=data_root, dataset=dataset.value if dataset else None,
-        fold=fold, val_fraction=val_fraction, seed=seed, hog_components=hog_components, epochs=epochs, lr=lr, l2=l2,
+        fold=fold, val_fraction=val_fraction, seed=seed, hog_components=hog_components,
+        fhog_components=fhog_components, epochs=epochs, lr=lr, l2=l2,
         batch_size=batch_size, device=device, workers=workers, log=log)
     if not quiet:
-        typer.echo(f"validation mean F1 {result['val'].mean_f1:.1f} with the head, "
-                   f"{result['val_without'].mean_f1:.1f} without ({len(result['val_subjects'])} people); "
-                   f"wrote {result['output']}", err=True)
+        before = result["before"]
+        if before is None:  # the checkpoint's own head needs features this head does not compute
+            than = "the checkpoint's previous head not compared"
+        elif result["replaced_head"]:
+            than = f"{before.mean_f1:.1f} with the checkpoint's previous head"
+        else:
+            than = f"{before.mean_f1:.1f} without"
+        typer.echo(f"validation mean F1 {result['val'].mean_f1:.1f} with the head, {than} "
+                   f"({len(result['val_subjects'])} people); wrote {result['output']}", err=True)
 
 
 @app.command("eval")

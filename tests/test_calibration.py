@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from aucli.calibration import VideoHead, fit_head, group_medians, head_from_state, head_state, hog, hog_dim
+from aucli.calibration import (
+    VideoHead, fhog, fhog_dim, fit_head, group_medians, head_from_state, head_state, hog, hog_dim,
+)
 from aucli.checkpoint import load_checkpoint, load_model, save_with_video_head
 from aucli.errors import AucliError
 from media_fixtures import VIDEOS, tiny_checkpoint
@@ -34,6 +36,29 @@ def test_hog_sees_edges_and_ignores_contrast():
     cells = out[1].view(4, 9, 13, 13)  # (block corner, orientation bin, block row, block column)
     assert cells[:, 0].sum() > 10 * cells[:, 4].sum()  # 0-degree bin holds the votes, 90-degree none
     assert torch.allclose(out[1], out[2], atol=0.02)  # block normalisation: half the contrast, same HOG
+
+
+def test_fhog_sees_edges_their_sign_and_ignores_contrast():
+    flat = torch.full((1, 3, 224, 224), 0.5)
+    rising = flat.clone()
+    rising[..., :, 112:] = 0.8  # dark to bright, left to right, in the middle of the inner face
+    falling = flat.clone()
+    falling[..., :, :112] = 0.8
+    faint = 0.5 + 0.5 * (rising - 0.5)
+    coloured = flat.clone()
+    coloured[:, 1, :, 112:] = 0.8  # the same edge in the green channel alone
+    out = fhog(_normalise(torch.cat([flat, rising, falling, faint, coloured])), MEAN, STD)
+    assert out.shape == (5, fhog_dim()) and fhog_dim() == 12 * 12 * 31
+    assert out[0].abs().max() == 0  # no gradient (the de-normalisation's rounding is not one)
+    cells = out.view(5, 12, 12, 31)
+    edge = cells[1].sum((0, 1))
+    assert edge[0] > 1 and edge[1:18].sum() == 0  # signed: 0 degrees only
+    back = cells[2].sum((0, 1))
+    assert back[9] > 1 and back[:9].sum() + back[10:18].sum() == 0  # the other sign: 180 degrees
+    assert torch.allclose(edge[18:], back[18:], rtol=0.01, atol=0.01)  # unsigned and energy parts do not see the sign
+    assert cells[1, :, 0].abs().max() == 0  # far from the edge (column 112 of 224 is the inner cells' middle)
+    assert torch.allclose(out[1], out[3], atol=1e-3)  # block normalisation: half the contrast, same FHOG
+    assert torch.allclose(out[1], out[4], atol=1e-3)  # the strongest channel's gradient, whichever it is
 
 
 def test_group_medians_are_per_group():
@@ -95,6 +120,39 @@ def test_head_round_trips_through_a_checkpoint(tmp_path):
         broken["state_dict"]["x_mean"] = torch.zeros(3)
         head_from_state(broken, "x.pt")
     assert load_checkpoint(out).metadata.source["video_head"] == {"epochs": 150}
+
+
+def test_head_with_fhog_fits_projects_and_round_trips(tmp_path):
+    rng = np.random.default_rng(1)
+    frames, num_aus = 120, 12
+    groups = np.repeat(np.arange(4), frames // 4)
+    probs = rng.uniform(0.2, 0.8, size=(frames, num_aus)).astype(np.float32)
+    features = rng.normal(size=(frames, 8)).astype(np.float32)
+    hogs = rng.normal(size=(frames, hog_dim())).astype(np.float32)
+    fhogs = rng.normal(size=(frames, fhog_dim())).astype(np.float32)
+    labels = (fhogs[:, :num_aus] > 0).astype(np.int64)
+    head = fit_head(probs, features, hogs, groups, labels, hog_components=3, fhogs=fhogs, fhog_components=5,
+                    epochs=3)
+    assert head.config == {"num_aus": 12, "backbone_channels": 8, "hog_components": 3, "fhog_components": 5}
+    assert head.frame_width == 16 and head.linear.in_features == 2 * 12 + 16
+    raw = torch.from_numpy(np.concatenate([features, hogs, fhogs], 1))
+    projected = head.project(raw)
+    assert projected.shape == (frames, 16)
+    assert torch.allclose(projected[:, 8:11], head.project_hog(raw[:, 8 : 8 + hog_dim()]))
+    assert torch.allclose(projected[:, 11:], (raw[:, 8 + hog_dim():] - head.fhog_mean) @ head.fhog_basis.T)
+    state = head_state(head)
+    assert state["state_dict"]["fhog_basis"].dtype == torch.float16
+    again = head_from_state(state, "x.pt")
+    assert again.fhog_components == 5
+    inputs = projected.numpy()
+    assert np.allclose(again.calibrate(probs, inputs, groups), head.calibrate(probs, inputs, groups), atol=1e-3)
+    with pytest.raises(AucliError, match="fhog-components"):
+        fit_head(probs, features, hogs, groups, labels, hog_components=3, fhogs=fhogs[:, :4], fhog_components=5)
+    # A head fitted before FHOG existed (no fhog_components in its config) still loads, without it.
+    old, _ = _fitted_head(num_aus=3)
+    stored = head_state(old)
+    assert "fhog_components" not in stored["config"] and "fhog_basis" not in stored["state_dict"]
+    assert head_from_state(stored, "old.pt").frame_width == old.backbone_channels + 4
 
 
 def _head_for(model, seed=0) -> VideoHead:

@@ -188,7 +188,7 @@ def test_calibrate_fits_a_head_that_eval_and_detect_use(prepared, tmp_path):
     best = Path(train(cfg, quiet=True)["run_dir"]) / "best.pt"
     out = tmp_path / "calibrated.pt"
     cli = [sys.executable, "-m", "aucli", "calibrate", "-c", str(best), "-o", str(out), "--hog-components", "8",
-           "--epochs", "5", "--val-fraction", "0.5", "--workers", "0"]
+           "--fhog-components", "6", "--epochs", "5", "--val-fraction", "0.5", "--workers", "0"]
     done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "validation mean F1" in done.stderr and str(out) in done.stderr
@@ -197,15 +197,28 @@ def test_calibrate_fits_a_head_that_eval_and_detect_use(prepared, tmp_path):
 
     model = load_model(out)
     head = model.video_head
-    assert head.hog_components == 8 and head.num_aus == 17
+    assert head.hog_components == 8 and head.fhog_components == 6 and head.num_aus == 17
     stored = torch.load(out, map_location="cpu", weights_only=True)
     assert stored["video_head"]["state_dict"]["hog_basis"].dtype == torch.float16
+    assert stored["video_head"]["state_dict"]["fhog_basis"].dtype == torch.float16
     plain = load_model(best)
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
     record = stored["metadata"]["source"]["video_head"]
-    assert record["hog_components"] == 8 and record["epochs"] == 5 and record["fitted_on"] == "training people"
+    assert record["hog_components"] == 8 and record["fhog_components"] == 6 and record["epochs"] == 5
+    assert record["fitted_on"] == "training people" and "val_mean_f1_without" in record
     train_people = set(load_split(prepared, "videos", "train", 1).subjects)
     assert set(record["val_subjects"]) < train_people  # held out from the training people, never test
+
+    # Calibrating again compares with the head the checkpoint already has, on the same validation
+    # frames and with its thresholds: the figure the first calibration reported for it.
+    twice = tmp_path / "twice.pt"
+    done = subprocess.run([*cli[:5], str(out), "-o", str(twice), *cli[8:]], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "with the checkpoint's previous head" in done.stderr and "without" not in done.stderr
+    second = torch.load(twice, map_location="cpu", weights_only=True)["metadata"]["source"]["video_head"]
+    assert second["val_mean_f1_previous_head"] == pytest.approx(record["val_mean_f1"], abs=1e-9)
+    assert "val_mean_f1_without" not in second
 
     with_head, without = evaluate_checkpoint(out), evaluate_checkpoint(best)
     assert with_head.metrics.thresholds == [float(t) for t in model.metadata.thresholds]
