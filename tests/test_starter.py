@@ -110,7 +110,7 @@ def test_model_card_figures_reproduce(tmp_path):
     rows = dict(re.findall(r"^\| (AU\d\d) \|[^|]*\| *([\d.]+) *\|", card, re.M))
     assert list(rows) == OPENFACE_AUS
     # Within 0.2 points: on another CPU a few frames near a threshold flip. Measured with the same
-    # code on an AMD EPYC (Zen 4) against an Intel Xeon: up to 0.11 per AU, mean 52.37 against 52.4.
+    # code on an AMD EPYC (Zen 4) against an Intel Xeon (third starter): up to 0.11 per AU, 52.37 against 52.4.
     # (The card's table is from the AMD machine.)
     for au, f1 in measured["f1"].items():
         assert float(rows[au]) == pytest.approx(f1, abs=0.2), au
