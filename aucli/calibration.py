@@ -50,6 +50,13 @@ FHOG_ORIENTATIONS = 18  # signed, over 0..360 degrees
 FHOG_TRUNC = 0.2
 
 
+def _central_differences(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Horizontal and vertical central differences of (M, C, H, W), the border replicated
+    (slices: a 3-tap convolution took 5x longer)."""
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    return padded[:, :, 1:-1, 2:] - padded[:, :, 1:-1, :-2], padded[:, :, 2:, 1:-1] - padded[:, :, :-2, 1:-1]
+
+
 def hog_dim(size: int = HOG_SIZE) -> int:
     blocks = size // HOG_CELL - 1
     return blocks * blocks * 4 * HOG_BINS
@@ -69,10 +76,7 @@ def hog(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> to
     # The channel mean of the de-normalised frame, x * std + mean, as one weighted sum.
     weight = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) / 3
     gray = (x * weight).sum(1, keepdim=True) + sum(mean) / 3
-    # Central differences with the border replicated (slices: a 3-tap convolution took 5x longer).
-    padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
-    gx = padded[:, :, 1:-1, 2:] - padded[:, :, 1:-1, :-2]
-    gy = padded[:, :, 2:, 1:-1] - padded[:, :, :-2, 1:-1]
+    gx, gy = _central_differences(gray)
     magnitude = torch.sqrt(gx * gx + gy * gy)
     position = torch.remainder(torch.atan2(gy, gx), math.pi) * (HOG_BINS / math.pi)
     low = torch.floor(position)
@@ -119,10 +123,7 @@ def fhog(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     x = x[:, :, top : top + size, left : left + size]
     x = F.interpolate(x, size=FHOG_SIZE, mode="area")
     scale = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255.0
-    x = x * scale  # the offset (mean) cancels in the differences
-    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    gx = padded[:, :, 1:-1, 2:] - padded[:, :, 1:-1, :-2]
-    gy = padded[:, :, 2:, 1:-1] - padded[:, :, :-2, 1:-1]
+    gx, gy = _central_differences(x * scale)  # the offset (mean) cancels in the differences
     energy2 = gx * gx + gy * gy  # per channel; keep the strongest (comparisons: argmax over 3 is slow)
     best_x, best_y, best = gx[:, :1], gy[:, :1], energy2[:, :1]
     for c in (1, 2):
@@ -158,6 +159,14 @@ def fhog(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
 def pooled(final_map: torch.Tensor) -> torch.Tensor:
     """The backbone's final map (M, C, h, w) averaged over space -> (M, C) float32."""
     return final_map.float().mean((2, 3))
+
+
+def raw_frame_features(frames: torch.Tensor, final_map: torch.Tensor, mean, std, with_fhog: bool) -> torch.Tensor:
+    """Un-projected per-frame features [pooled backbone, HOG(, FHOG)] (M, C + D(+ D2))."""
+    parts = [pooled(final_map), hog(frames, mean, std)]
+    if with_fhog:
+        parts.append(fhog(frames, mean, std))
+    return torch.cat(parts, 1)
 
 
 def group_medians(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -218,10 +227,7 @@ class VideoHead(nn.Module):
 
     def frame_features(self, frames: torch.Tensor, final_map: torch.Tensor, mean, std) -> torch.Tensor:
         """Per-frame inputs (M, frame_width) from the model-input frames and the backbone's final map."""
-        parts = [pooled(final_map), self.project_hog(hog(frames, mean, std))]
-        if self.fhog_components:
-            parts.append(self.project_fhog(fhog(frames, mean, std)))
-        return torch.cat(parts, 1).cpu()
+        return self.project(raw_frame_features(frames, final_map, mean, std, self.fhog_components > 0)).cpu()
 
     def inputs(self, probs: np.ndarray, features: np.ndarray, groups: np.ndarray) -> np.ndarray:
         """(F, N) MDHR probabilities and (F, C + K) frame features of tracks ``groups`` -> (F, width)."""
@@ -297,7 +303,7 @@ def fit_head(probs: np.ndarray, features: np.ndarray, hogs: np.ndarray, groups: 
         basis = vt[:k].astype(np.float16)  # as stored: fit with the basis the checkpoint holds
         getattr(head, f"{name}_mean").copy_(torch.from_numpy(raw_mean))
         getattr(head, f"{name}_basis").copy_(torch.from_numpy(basis.astype(np.float32)))
-        project = head.project_hog if name == "hog" else head.project_fhog
+        project = getattr(head, f"project_{name}")
         projected.append(project(torch.from_numpy(np.asarray(raw, np.float32))).numpy())
     x = head.inputs(probs, np.concatenate(projected, 1), groups)
     mean, std = x.mean(0), x.std(0) + 1e-4
@@ -369,11 +375,8 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
         raise AucliError(f"{data_root}: no training frames left after holding out the validation people")
     dtype = torch.bfloat16 if resolve_precision("auto", torch.device(device)) == "bf16" else None
 
-    def raw_features(frames, final_map):  # pooled backbone and un-projected HOG (and FHOG)
-        parts = [pooled(final_map), hog(frames, meta.mean, meta.std)]
-        if fhog_components:
-            parts.append(fhog(frames, meta.mean, meta.std))
-        return torch.cat(parts, 1).cpu()
+    def raw_features(frames, final_map):
+        return raw_frame_features(frames, final_map, meta.mean, meta.std, fhog_components > 0).cpu()
 
     outputs = {}
     for name, split in splits.items():
@@ -405,8 +408,7 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
     elif previous.fhog_components and not fhog_components:
         before = None
     else:
-        p, f = outputs["val"]
-        f = f if previous.fhog_components else f[:, :end]
+        p, f = outputs["val"]  # project() reads only the columns this head has
         before = au_metrics(au_set, previous.calibrate(p, previous.project(torch.from_numpy(f)).numpy(),
                                                        video_groups(splits["val"])),
                             splits["val"].labels, meta.thresholds)
