@@ -12,8 +12,13 @@ it after MDHR, per face track:
   kind of appearance feature OpenFace 2.0 itself uses), each projected on a
   fixed PCA basis;
 * per track: the median of each of those over the track's frames;
-* x = [log p, log p - median, backbone - median, HOG - median(, FHOG - median)], standardised;
-  one linear layer and a sigmoid give the calibrated probability of each AU.
+* x = [log p, log p - median, backbone - median, HOG - median(, FHOG - median)
+  (, the first FHOG components as they are)], standardised; one linear layer and a
+  sigmoid give the calibrated probability of each AU.
+
+OpenFace 2.0 itself uses person-specific ("dynamic") models for most AUs and
+models without that normalisation ("static") for AU04, 06, 07, 10, 12 and 14,
+which is why the head may also read FHOG components as they are.
 
 MDHR itself is unchanged; a checkpoint either has the head (``video_head``)
 or not. With it, a frame's output depends on every frame of its track, as
@@ -48,6 +53,7 @@ FHOG_SIZE = 112
 FHOG_CELL = 8  # 14 x 14 cells; the border cells only serve their neighbours' normalisation
 FHOG_ORIENTATIONS = 18  # signed, over 0..360 degrees
 FHOG_TRUNC = 0.2
+DEFAULT_FHOG_ABSOLUTE = 128  # FHOG components the head also reads as they are (docs/models.md)
 
 
 def _central_differences(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,13 +187,18 @@ def group_medians(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
 class VideoHead(nn.Module):
     """The calibration head: PCA bases for HOG (and FHOG), standardisation and one linear layer.
 
-    ``fhog_components`` = 0 (heads fitted before FHOG was added) leaves FHOG out."""
+    ``fhog_components`` = 0 (heads fitted before FHOG was added) leaves FHOG out;
+    ``fhog_absolute`` = K > 0 also gives the first K FHOG components as they are, not relative
+    to the track (0 for heads fitted before that was added)."""
 
-    def __init__(self, num_aus: int, backbone_channels: int, hog_components: int, fhog_components: int = 0) -> None:
+    def __init__(self, num_aus: int, backbone_channels: int, hog_components: int, fhog_components: int = 0,
+                 fhog_absolute: int = 0) -> None:
         super().__init__()
+        if not 0 <= fhog_absolute <= fhog_components:
+            raise ValueError(f"fhog_absolute {fhog_absolute} not between 0 and fhog_components {fhog_components}")
         self.num_aus, self.backbone_channels, self.hog_components = num_aus, backbone_channels, hog_components
-        self.fhog_components = fhog_components
-        width = 2 * num_aus + backbone_channels + hog_components + fhog_components
+        self.fhog_components, self.fhog_absolute = fhog_components, fhog_absolute
+        width = 2 * num_aus + backbone_channels + hog_components + fhog_components + fhog_absolute
         self.register_buffer("hog_mean", torch.zeros(hog_dim()))
         self.register_buffer("hog_basis", torch.zeros(hog_components, hog_dim()))
         if fhog_components:
@@ -203,6 +214,8 @@ class VideoHead(nn.Module):
                   "hog_components": self.hog_components}
         if self.fhog_components:
             config["fhog_components"] = self.fhog_components
+        if self.fhog_absolute:
+            config["fhog_absolute"] = self.fhog_absolute
         return config
 
     @property
@@ -233,8 +246,11 @@ class VideoHead(nn.Module):
         """(F, N) MDHR probabilities and (F, C + K) frame features of tracks ``groups`` -> (F, width)."""
         logp = np.log(np.clip(probs.astype(np.float64), PROB_EPS, 1 - PROB_EPS))
         feats = features.astype(np.float64)
-        return np.concatenate([logp, logp - group_medians(logp, groups),
-                               feats - group_medians(feats, groups)], 1).astype(np.float32)
+        parts = [logp, logp - group_medians(logp, groups), feats - group_medians(feats, groups)]
+        if self.fhog_absolute:
+            start = self.backbone_channels + self.hog_components
+            parts.append(feats[:, start : start + self.fhog_absolute])
+        return np.concatenate(parts, 1).astype(np.float32)
 
     @torch.no_grad()
     def calibrate(self, probs: np.ndarray, features: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -267,17 +283,24 @@ def head_from_state(stored: Any, where: str) -> VideoHead:
         if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
             raise AucliError(f"{where}: video_head tensors do not match its config")
         head.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise AucliError(f"{where}: malformed video_head config ({exc})") from None
     return head.eval()
 
 
+def check_absolute(fhog_absolute: int, fhog_components: int) -> None:
+    """The FHOG components given as they are must be some of those the head has."""
+    if not 0 <= fhog_absolute <= fhog_components:
+        raise AucliError(f"--fhog-absolute {fhog_absolute}: at most --fhog-components ({fhog_components})")
+
+
 def fit_head(probs: np.ndarray, features: np.ndarray, hogs: np.ndarray, groups: np.ndarray,
              labels: np.ndarray, *, hog_components: int = 256, fhogs: np.ndarray | None = None,
-             fhog_components: int = 0, epochs: int = 60, lr: float = 1e-3, l2: float = 1e-3, seed: int = 0,
+             fhog_components: int = 0, fhog_absolute: int = 0, epochs: int = 60, lr: float = 1e-3, l2: float = 1e-3, seed: int = 0,
              progress=None) -> VideoHead:
     """Fit the head on training frames: MDHR probs (F, N), pooled backbone (F, C), raw HOG (F, D)
-    and, with ``fhog_components``, raw FHOG ``fhogs`` (F, D2).
+    and, with ``fhog_components``, raw FHOG ``fhogs`` (F, D2); ``fhog_absolute`` of its components
+    are also given as they are.
 
     PCA of HOG (and FHOG) on every 4th training frame; weighted logistic loss (positives and
     negatives of each AU weighted to equal shares, unknown labels masked), Adam in batches of 1024.
@@ -291,11 +314,12 @@ def fit_head(probs: np.ndarray, features: np.ndarray, hogs: np.ndarray, groups: 
         if fhogs is None or len(fhogs) != len(probs):
             raise AucliError("calibration inputs disagree in frames or AUs")
         blocks.append(("fhog", fhogs, fhog_components))
+    check_absolute(fhog_absolute, fhog_components)
     for name, raw, k in blocks:
         if k > min(raw.shape[1], len(raw[::4])):
             raise AucliError(f"--{name}-components {k}: at most {min(raw.shape[1], len(raw[::4]))} "
                              "for this many frames")
-    head = VideoHead(num_aus, channels, hog_components, fhog_components)
+    head = VideoHead(num_aus, channels, hog_components, fhog_components, fhog_absolute)
     projected = [features]
     for name, raw, k in blocks:
         raw_mean = raw.mean(0)
@@ -337,7 +361,8 @@ def fit_head(probs: np.ndarray, features: np.ndarray, hogs: np.ndarray, groups: 
 
 def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | None = None,
                          fold: int | None = None, val_fraction: float = 0.15, seed: int = 0,
-                         hog_components: int = 256, fhog_components: int = 256, epochs: int = 60,
+                         hog_components: int = 256, fhog_components: int = 256, fhog_absolute: int | None = None,
+                         epochs: int = 60,
                          lr: float = 1e-3, l2: float = 1e-3,
                          batch_size: int = 4, device: str = "cpu", workers: int = 0,
                          log=None) -> dict[str, Any]:
@@ -357,6 +382,9 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
     from .train import hold_out_subjects
 
     log = log or (lambda _line: None)
+    if fhog_absolute is None:
+        fhog_absolute = min(DEFAULT_FHOG_ABSOLUTE, fhog_components)
+    check_absolute(fhog_absolute, fhog_components)
     output = Path(output)
     if output.exists() and Path(checkpoint).resolve() == output.resolve():
         raise AucliError(f"{output}: choose an output other than the checkpoint itself")
@@ -390,7 +418,7 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
     head = fit_head(probs, feats[:, :channels], feats[:, channels:end], video_groups(splits["train"]),
                     splits["train"].labels, hog_components=hog_components,
                     fhogs=feats[:, end:] if fhog_components else None, fhog_components=fhog_components,
-                    epochs=epochs, lr=lr, l2=l2, seed=seed)
+                    fhog_absolute=fhog_absolute, epochs=epochs, lr=lr, l2=l2, seed=seed)
 
     def calibrated(name: str) -> np.ndarray:
         p, f = outputs[name]
@@ -414,7 +442,7 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
                             splits["val"].labels, meta.thresholds)
     record = {"video_head": {"fitted_on": "training people", "train_frames": len(splits["train"]),
                              "val_subjects": sorted(val_subjects), "hog_components": hog_components,
-                             "fhog_components": fhog_components,
+                             "fhog_components": fhog_components, "fhog_absolute": fhog_absolute,
                              "epochs": epochs, "lr": lr, "l2": l2, "seed": seed, "val_mean_f1": val.mean_f1}}
     if before is not None:
         key = "val_mean_f1_without" if previous is None else "val_mean_f1_previous_head"

@@ -155,6 +155,46 @@ def test_head_with_fhog_fits_projects_and_round_trips(tmp_path):
     assert head_from_state(stored, "old.pt").frame_width == old.backbone_channels + 4
 
 
+def test_head_reads_some_fhog_components_as_they_are(tmp_path):
+    """fhog_absolute = K: the first K FHOG components also enter as they are, so a track's output then
+    depends on its level as well as on each frame's difference from the track's median."""
+    rng = np.random.default_rng(2)
+    frames, num_aus = 160, 5
+    groups = np.repeat(np.arange(4), frames // 4)
+    probs = rng.uniform(0.2, 0.8, size=(frames, num_aus)).astype(np.float32)
+    features = rng.normal(size=(frames, 8)).astype(np.float32)
+    hogs = rng.normal(size=(frames, hog_dim())).astype(np.float32)
+    fhogs = rng.normal(size=(frames, fhog_dim())).astype(np.float32)
+    fhogs[groups >= 2] += 0.5 * rng.normal(size=fhog_dim()).astype(np.float32)  # two tracks look alike
+    labels = np.repeat((groups[:, None] >= 2), num_aus, 1).astype(np.int64)  # an AU present all track long
+    kw = dict(hog_components=3, fhogs=fhogs, fhog_components=5, epochs=40, lr=1e-2)
+    head = fit_head(probs, features, hogs, groups, labels, fhog_absolute=2, **kw)
+    assert head.config == {"num_aus": 5, "backbone_channels": 8, "hog_components": 3, "fhog_components": 5,
+                           "fhog_absolute": 2}
+    assert head.linear.in_features == 2 * 5 + 16 + 2
+    projected = head.project(torch.from_numpy(np.concatenate([features, hogs, fhogs], 1))).numpy()
+    x = head.inputs(probs, projected, groups)
+    assert np.allclose(x[:, -2:], projected[:, 11:13], atol=1e-5)  # as they are, not minus the median
+    assert np.allclose(x[:, -7:-2], projected[:, 11:] - group_medians(projected[:, 11:], groups), atol=1e-5)
+    # A relative head cannot tell the tracks apart (each frame near its own median); this one can.
+    relative = fit_head(probs, features, hogs, groups, labels, **kw)
+    for fitted, better in ((head, True), (relative, False)):
+        out = fitted.calibrate(probs, fitted.project(torch.from_numpy(
+            np.concatenate([features, hogs, fhogs], 1))).numpy(), groups)
+        accuracy = ((out >= 0.5) == (labels == 1)).mean()
+        assert (accuracy > 0.9) == better, accuracy
+    again = head_from_state(head_state(head), "x.pt")
+    assert again.fhog_absolute == 2
+    assert np.allclose(again.calibrate(probs, projected, groups), head.calibrate(probs, projected, groups),
+                       atol=1e-3)
+    with pytest.raises(AucliError, match="fhog-absolute 6"):
+        fit_head(probs, features, hogs, groups, labels, fhog_absolute=6, **kw)
+    broken = head_state(head)
+    broken["config"]["fhog_absolute"] = 9
+    with pytest.raises(AucliError, match="x.pt: malformed video_head config"):
+        head_from_state(broken, "x.pt")
+
+
 def _head_for(model, seed=0) -> VideoHead:
     """A random head with the shapes the tiny model needs, its weights large enough to matter."""
     torch.manual_seed(seed)
