@@ -122,14 +122,20 @@ def test_head_round_trips_through_a_checkpoint(tmp_path):
     assert load_checkpoint(out).metadata.source["video_head"] == {"epochs": 150}
 
 
-def test_head_with_fhog_fits_projects_and_round_trips(tmp_path):
-    rng = np.random.default_rng(1)
-    frames, num_aus = 120, 12
+def _random_head_inputs(seed: int, frames: int, num_aus: int):
+    """Four tracks of random MDHR probabilities, pooled backbone (8), raw HOG and raw FHOG."""
+    rng = np.random.default_rng(seed)
     groups = np.repeat(np.arange(4), frames // 4)
     probs = rng.uniform(0.2, 0.8, size=(frames, num_aus)).astype(np.float32)
     features = rng.normal(size=(frames, 8)).astype(np.float32)
     hogs = rng.normal(size=(frames, hog_dim())).astype(np.float32)
     fhogs = rng.normal(size=(frames, fhog_dim())).astype(np.float32)
+    return rng, groups, probs, features, hogs, fhogs
+
+
+def test_head_with_fhog_fits_projects_and_round_trips(tmp_path):
+    frames, num_aus = 120, 12
+    _, groups, probs, features, hogs, fhogs = _random_head_inputs(1, frames, num_aus)
     labels = (fhogs[:, :num_aus] > 0).astype(np.int64)
     head = fit_head(probs, features, hogs, groups, labels, hog_components=3, fhogs=fhogs, fhog_components=5,
                     epochs=3)
@@ -158,13 +164,8 @@ def test_head_with_fhog_fits_projects_and_round_trips(tmp_path):
 def test_head_reads_some_fhog_components_as_they_are(tmp_path):
     """fhog_absolute = K: the first K FHOG components also enter as they are, so a track's output then
     depends on its level as well as on each frame's difference from the track's median."""
-    rng = np.random.default_rng(2)
     frames, num_aus = 160, 5
-    groups = np.repeat(np.arange(4), frames // 4)
-    probs = rng.uniform(0.2, 0.8, size=(frames, num_aus)).astype(np.float32)
-    features = rng.normal(size=(frames, 8)).astype(np.float32)
-    hogs = rng.normal(size=(frames, hog_dim())).astype(np.float32)
-    fhogs = rng.normal(size=(frames, fhog_dim())).astype(np.float32)
+    rng, groups, probs, features, hogs, fhogs = _random_head_inputs(2, frames, num_aus)
     fhogs[groups >= 2] += 0.5 * rng.normal(size=fhog_dim()).astype(np.float32)  # two tracks look alike
     labels = np.repeat((groups[:, None] >= 2), num_aus, 1).astype(np.int64)  # an AU present all track long
     kw = dict(hog_components=3, fhogs=fhogs, fhog_components=5, epochs=40, lr=1e-2)
