@@ -175,6 +175,21 @@ def raw_frame_features(frames: torch.Tensor, final_map: torch.Tensor, mean, std,
     return torch.cat(parts, 1)
 
 
+CALIBRATE_ROWS = 2048  # frames per step of VideoHead.calibrate: its working memory does not grow with a track
+MEDIAN_COLUMNS = 64  # columns per step of a track's medians, for the same reason
+
+
+def log_probs(probs: np.ndarray) -> np.ndarray:
+    """log p (float64) with p clipped to [PROB_EPS, 1 - PROB_EPS]."""
+    return np.log(np.clip(probs.astype(np.float64), PROB_EPS, 1 - PROB_EPS))
+
+
+def column_medians(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The per-column median (D,) float64 of ``x[rows]``, read a block of columns at a time."""
+    return np.concatenate([np.median(x[rows, c : c + MEDIAN_COLUMNS].astype(np.float64), axis=0)
+                           for c in range(0, x.shape[1], MEDIAN_COLUMNS)] or [np.zeros(0)])
+
+
 def group_medians(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Each row replaced by the per-column median of the rows of its group."""
     out = np.empty_like(x)
@@ -242,24 +257,35 @@ class VideoHead(nn.Module):
         """Per-frame inputs (M, frame_width) from the model-input frames and the backbone's final map."""
         return self.project(raw_frame_features(frames, final_map, mean, std, self.fhog_components > 0)).cpu()
 
-    def inputs(self, probs: np.ndarray, features: np.ndarray, groups: np.ndarray) -> np.ndarray:
-        """(F, N) MDHR probabilities and (F, C + K) frame features of tracks ``groups`` -> (F, width)."""
-        logp = np.log(np.clip(probs.astype(np.float64), PROB_EPS, 1 - PROB_EPS))
-        feats = features.astype(np.float64)
-        parts = [logp, logp - group_medians(logp, groups), feats - group_medians(feats, groups)]
+    def _assemble(self, logp: np.ndarray, feats: np.ndarray, logp_median, feats_median) -> np.ndarray:
+        """The head's input rows from float64 log p and features and their tracks' medians."""
+        parts = [logp, logp - logp_median, feats - feats_median]
         if self.fhog_absolute:
             start = self.backbone_channels + self.hog_components
             parts.append(feats[:, start : start + self.fhog_absolute])
         return np.concatenate(parts, 1).astype(np.float32)
 
+    def inputs(self, probs: np.ndarray, features: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        """(F, N) MDHR probabilities and (F, C + K) frame features of tracks ``groups`` -> (F, width)."""
+        logp, feats = log_probs(probs), features.astype(np.float64)
+        return self._assemble(logp, feats, group_medians(logp, groups), group_medians(feats, groups))
+
     @torch.no_grad()
     def calibrate(self, probs: np.ndarray, features: np.ndarray, groups: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities (F, N) for frames of one or more tracks."""
-        if len(probs) == 0:
-            return probs.astype(np.float32)
-        x = torch.from_numpy(self.inputs(probs, features, groups))
-        z = self.linear(((x - self.x_mean.float()) / self.x_std.float()).to(self.linear.weight.dtype))
-        return torch.sigmoid(z.float()).numpy()
+        """Calibrated probabilities (F, N) for frames of one or more tracks: ``inputs`` and the linear
+        layer, a track and CALIBRATE_ROWS frames at a time, so that long videos need no more memory."""
+        out = np.empty(probs.shape, np.float32)
+        for g in np.unique(groups):
+            rows = np.flatnonzero(groups == g)
+            logp_median = np.median(log_probs(probs[rows]), axis=0)
+            feats_median = column_medians(features, rows)
+            for start in range(0, len(rows), CALIBRATE_ROWS):
+                part = rows[start : start + CALIBRATE_ROWS]
+                x = torch.from_numpy(self._assemble(log_probs(probs[part]), features[part].astype(np.float64),
+                                                    logp_median, feats_median))
+                z = self.linear(((x - self.x_mean.float()) / self.x_std.float()).to(self.linear.weight.dtype))
+                out[part] = torch.sigmoid(z.float()).numpy()
+        return out
 
 
 def head_state(head: VideoHead) -> dict[str, Any]:

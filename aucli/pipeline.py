@@ -177,6 +177,17 @@ class _KeptRows:
         self._count += 1
         return self._count - 1
 
+    def take(self, numbers: np.ndarray) -> np.ndarray:
+        """The rows with these row numbers, (len(numbers), D), gathered without joining every block."""
+        numbers = np.asarray(numbers, np.int64)
+        width = self._blocks[0].shape[1] if self._blocks else 0
+        out = np.empty((len(numbers), width), self.dtype)
+        block, offset = np.divmod(numbers, self.rows_per_block)
+        for b in np.unique(block):
+            chosen = block == b
+            out[chosen] = self._blocks[b][offset[chosen]]
+        return out
+
     def rows(self) -> np.ndarray:
         """Every row kept, (n, D), in the order kept."""
         if not self._blocks:
@@ -411,9 +422,13 @@ class Detector:
         if not faces:
             return
         n = len(self.labels)
-        inputs = kept.rows()[[record.probs[j] for record, j in faces]]  # (F, N + D)
+        numbers = np.array([record.probs[j] for record, j in faces])
         groups = np.array([record.faces[j].face_id for record, j in faces])
-        calibrated = self.video_head.calibrate(inputs[:, :n], inputs[:, n:], groups).astype(np.float32)
+        calibrated = np.empty((len(faces), n), np.float32)
+        for g in np.unique(groups):  # one track's kept rows at a time: (F_g, N + D)
+            chosen = np.flatnonzero(groups == g)
+            inputs = kept.take(numbers[chosen])
+            calibrated[chosen] = self.video_head.calibrate(inputs[:, :n], inputs[:, n:], groups[chosen])
         boxes = kept_faces.rows()
         for (record, j), p in zip(faces, calibrated):
             face = record.faces[j]

@@ -196,6 +196,25 @@ def test_head_reads_some_fhog_components_as_they_are(tmp_path):
         head_from_state(broken, "x.pt")
 
 
+def test_calibrate_in_steps_equals_all_at_once(monkeypatch):
+    """calibrate() works a track, a block of rows and a block of columns at a time (its memory does
+    not grow with the video); the result is the head applied to inputs() of everything at once."""
+    import aucli.calibration as calibration
+
+    frames, num_aus = 160, 5
+    _, groups, probs, features, hogs, fhogs = _random_head_inputs(3, frames, num_aus)
+    groups = np.random.default_rng(4).permutation(groups)  # tracks interleaved, as faces in a video
+    head = fit_head(probs, features, hogs, groups, labels=(fhogs[:, :num_aus] > 0).astype(np.int64),
+                    hog_components=3, fhogs=fhogs, fhog_components=5, fhog_absolute=2, epochs=3)
+    inputs = head.project(torch.from_numpy(np.concatenate([features, hogs, fhogs], 1))).numpy()
+    with torch.no_grad():
+        x = torch.from_numpy(head.inputs(probs, inputs, groups))
+        expected = torch.sigmoid(head.linear((x - head.x_mean) / head.x_std)).numpy()
+    monkeypatch.setattr(calibration, "CALIBRATE_ROWS", 7)
+    monkeypatch.setattr(calibration, "MEDIAN_COLUMNS", 3)
+    assert np.allclose(head.calibrate(probs, inputs, groups), expected, atol=1e-6)
+
+
 def _head_for(model, seed=0) -> VideoHead:
     """A random head with the shapes the tiny model needs, its weights large enough to matter."""
     torch.manual_seed(seed)

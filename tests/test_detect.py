@@ -455,6 +455,9 @@ def test_rows_kept_for_the_end_of_a_video_come_back_exactly():
     kept = _KeptRows(np.float32, rows_per_block=3)
     assert [kept.keep(row) for row in data] == list(range(7))
     assert np.array_equal(kept.rows(), data)
+    some = np.array([6, 0, 4, 3, 4])  # any order, repeats, across the three blocks
+    assert np.array_equal(kept.take(some), data[some])
+    assert kept.take(np.array([], np.int64)).shape == (0, 5)
     faces = _KeptRows(np.float64, rows_per_block=2)
     tracked = [TrackedFace(i, 10 + i, FaceDetection(rng.uniform(0, 640, 4), rng.uniform(0, 640, (5, 2)), 0.9 + i / 100))
                for i in range(3)]
