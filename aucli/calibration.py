@@ -195,7 +195,7 @@ def group_medians(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
     out = np.empty_like(x)
     for g in np.unique(groups):
         rows = groups == g
-        out[rows] = np.median(x[rows], axis=0)
+        out[rows] = column_medians(x, rows)
     return out
 
 
@@ -322,8 +322,8 @@ def check_absolute(fhog_absolute: int, fhog_components: int) -> None:
 
 def fit_head(probs: np.ndarray, features: np.ndarray, hogs: np.ndarray, groups: np.ndarray,
              labels: np.ndarray, *, hog_components: int = 256, fhogs: np.ndarray | None = None,
-             fhog_components: int = 0, fhog_absolute: int = 0, epochs: int = 60, lr: float = 1e-3, l2: float = 1e-3, seed: int = 0,
-             progress=None) -> VideoHead:
+             fhog_components: int = 0, fhog_absolute: int = 0, epochs: int = 60, lr: float = 1e-3,
+             l2: float = 1e-3, seed: int = 0, progress=None) -> VideoHead:
     """Fit the head on training frames: MDHR probs (F, N), pooled backbone (F, C), raw HOG (F, D)
     and, with ``fhog_components``, raw FHOG ``fhogs`` (F, D2); ``fhog_absolute`` of its components
     are also given as they are.
@@ -388,8 +388,7 @@ def fit_head(probs: np.ndarray, features: np.ndarray, hogs: np.ndarray, groups: 
 def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | None = None,
                          fold: int | None = None, val_fraction: float = 0.15, seed: int = 0,
                          hog_components: int = 256, fhog_components: int = 256, fhog_absolute: int | None = None,
-                         epochs: int = 60,
-                         lr: float = 1e-3, l2: float = 1e-3,
+                         epochs: int = 60, lr: float = 1e-3, l2: float = 1e-3,
                          batch_size: int = 4, device: str = "cpu", workers: int = 0,
                          log=None) -> dict[str, Any]:
     """Fit a calibration head for ``checkpoint`` on the training people of its fold, tune the

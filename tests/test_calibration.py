@@ -61,10 +61,16 @@ def test_fhog_sees_edges_their_sign_and_ignores_contrast():
     assert torch.allclose(out[1], out[4], atol=1e-3)  # the strongest channel's gradient, whichever it is
 
 
-def test_group_medians_are_per_group():
+def test_group_medians_are_per_group(monkeypatch):
+    import aucli.calibration as calibration
+
     x = np.array([[1.0], [3.0], [10.0], [2.0], [-5.0]])
     groups = np.array([0, 0, 1, 0, 1])
     assert group_medians(x, groups).ravel().tolist() == [2.0, 2.0, 2.5, 2.0, 2.5]
+    # Read a few columns at a time (as calibrate() does on long videos): the same medians.
+    wide = np.concatenate([x * k for k in range(1, 8)], 1)
+    monkeypatch.setattr(calibration, "MEDIAN_COLUMNS", 3)
+    assert group_medians(wide, groups).tolist() == (group_medians(x, groups) * np.arange(1, 8)).tolist()
 
 
 def _fitted_head(num_aus=3, seed=0):
