@@ -20,6 +20,11 @@ OpenFace 2.0 itself uses person-specific ("dynamic") models for most AUs and
 models without that normalisation ("static") for AU04, 06, 07, 10, 12 and 14,
 which is why the head may also read FHOG components as they are.
 
+OpenFace then smooths its occurrence decisions: each frame takes the majority of
+the decisions of the 7 frames around it (``vote_decisions``). A head with
+``vote`` does the same to its thresholded outputs, per track, and its
+thresholds are tuned with the vote applied (``tune_voted_thresholds``).
+
 MDHR itself is unchanged; a checkpoint either has the head (``video_head``)
 or not. With it, a frame's output depends on every frame of its track, as
 OpenFace's does. ``aucli calibrate`` fits it on a prepared dataset
@@ -54,6 +59,7 @@ FHOG_CELL = 8  # 14 x 14 cells; the border cells only serve their neighbours' no
 FHOG_ORIENTATIONS = 18  # signed, over 0..360 degrees
 FHOG_TRUNC = 0.2
 DEFAULT_FHOG_ABSOLUTE = 128  # FHOG components the head also reads as they are (docs/models.md)
+DEFAULT_VOTE = 7  # frames of OpenFace 2.0's majority vote over occurrence decisions (docs/models.md)
 
 
 def _central_differences(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,20 +205,67 @@ def group_medians(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return out
 
 
+def vote_decisions(decisions: np.ndarray, groups: np.ndarray, window: int) -> np.ndarray:
+    """OpenFace 2.0's smoothing of occurrence decisions (F, N): per track (``groups``), in row
+    order, each row whose centred window of ``window`` rows lies inside the track takes the
+    majority of that window's decisions (as they were before smoothing); the first and last
+    ``window // 2`` rows of a track, and tracks shorter than the window, keep their own.
+    ``window`` 0 leaves the decisions as they are."""
+    decisions = np.asarray(decisions, bool)
+    out = decisions.copy()
+    if window == 0:
+        return out
+    half = window // 2
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        if len(rows) < window:
+            continue
+        counts = np.concatenate([np.zeros((1, decisions.shape[1]), np.int64),
+                                 np.cumsum(decisions[rows], axis=0, dtype=np.int64)])
+        out[rows[half : len(rows) - half]] = 2 * (counts[window:] - counts[:-window]) >= window
+    return out
+
+
+def check_vote(vote: int) -> None:
+    """A vote window is 0 (none) or an odd number of frames, 3 or more."""
+    if vote != 0 and (vote < 3 or vote % 2 == 0):
+        raise AucliError(f"--vote {vote}: 0 (no vote) or an odd number of frames, 3 or more")
+
+
+def tune_voted_thresholds(probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, window: int,
+                          grid: np.ndarray) -> list[float]:
+    """Per-AU threshold maximising pooled F1 of the decisions after ``vote_decisions`` (the
+    first best on ``grid``, as ``evaluate.tune_thresholds``; a validation split, never test)."""
+    from .evaluate import confusion, scores
+
+    grid = np.asarray(grid, np.float64)
+    best = []
+    for n in range(probs.shape[1]):
+        voted = vote_decisions(probs[:, n : n + 1] >= grid, groups, window)  # (F, len(grid))
+        known = labels[:, n : n + 1]
+        f1s = scores(confusion(voted, np.broadcast_to(known, voted.shape), 0.5))[0]
+        best.append(float(grid[int(np.argmax(f1s))]))
+    return best
+
+
 class VideoHead(nn.Module):
     """The calibration head: PCA bases for HOG (and FHOG), standardisation and one linear layer.
 
     ``fhog_components`` = 0 (heads fitted before FHOG was added) leaves FHOG out;
     ``fhog_absolute`` = K > 0 also gives the first K FHOG components as they are, not relative
-    to the track (0 for heads fitted before that was added)."""
+    to the track (0 for heads fitted before that was added); ``vote`` = W > 0 smooths the
+    thresholded outputs of each track by a majority of W frames (``decide``; 0 for heads
+    fitted before that was added)."""
 
     def __init__(self, num_aus: int, backbone_channels: int, hog_components: int, fhog_components: int = 0,
-                 fhog_absolute: int = 0) -> None:
+                 fhog_absolute: int = 0, vote: int = 0) -> None:
         super().__init__()
         if not 0 <= fhog_absolute <= fhog_components:
             raise ValueError(f"fhog_absolute {fhog_absolute} not between 0 and fhog_components {fhog_components}")
+        if vote != 0 and (vote < 3 or vote % 2 == 0):
+            raise ValueError(f"vote {vote}: not 0 or an odd number of frames, 3 or more")
         self.num_aus, self.backbone_channels, self.hog_components = num_aus, backbone_channels, hog_components
-        self.fhog_components, self.fhog_absolute = fhog_components, fhog_absolute
+        self.fhog_components, self.fhog_absolute, self.vote = fhog_components, fhog_absolute, vote
         width = 2 * num_aus + backbone_channels + hog_components + fhog_components + fhog_absolute
         self.register_buffer("hog_mean", torch.zeros(hog_dim()))
         self.register_buffer("hog_basis", torch.zeros(hog_components, hog_dim()))
@@ -231,6 +284,8 @@ class VideoHead(nn.Module):
             config["fhog_components"] = self.fhog_components
         if self.fhog_absolute:
             config["fhog_absolute"] = self.fhog_absolute
+        if self.vote:
+            config["vote"] = self.vote
         return config
 
     @property
@@ -287,6 +342,12 @@ class VideoHead(nn.Module):
                 out[part] = torch.sigmoid(z.float()).numpy()
         return out
 
+    def decide(self, probs: np.ndarray, thresholds, groups: np.ndarray) -> np.ndarray:
+        """Occurrence decisions (F, N) bool from calibrated probabilities of tracks ``groups``
+        (each track's rows in frame order): at or above the threshold, then the vote if any."""
+        decisions = np.asarray(probs, np.float64) >= np.asarray(thresholds, np.float64)
+        return vote_decisions(decisions, groups, self.vote)
+
 
 def head_state(head: VideoHead) -> dict[str, Any]:
     """What a checkpoint stores under ``video_head``: the config and the tensors (basis in fp16)."""
@@ -322,11 +383,11 @@ def check_absolute(fhog_absolute: int, fhog_components: int) -> None:
 
 def fit_head(probs: np.ndarray, features: np.ndarray, hogs: np.ndarray, groups: np.ndarray,
              labels: np.ndarray, *, hog_components: int = 256, fhogs: np.ndarray | None = None,
-             fhog_components: int = 0, fhog_absolute: int = 0, epochs: int = 60, lr: float = 1e-3,
-             l2: float = 1e-3, seed: int = 0, progress=None) -> VideoHead:
+             fhog_components: int = 0, fhog_absolute: int = 0, vote: int = 0, epochs: int = 60,
+             lr: float = 1e-3, l2: float = 1e-3, seed: int = 0, progress=None) -> VideoHead:
     """Fit the head on training frames: MDHR probs (F, N), pooled backbone (F, C), raw HOG (F, D)
     and, with ``fhog_components``, raw FHOG ``fhogs`` (F, D2); ``fhog_absolute`` of its components
-    are also given as they are.
+    are also given as they are; ``vote`` is stored for ``decide`` (it does not change the fit).
 
     PCA of HOG (and FHOG) on every 4th training frame; weighted logistic loss (positives and
     negatives of each AU weighted to equal shares, unknown labels masked), Adam in batches of 1024.
@@ -341,11 +402,12 @@ def fit_head(probs: np.ndarray, features: np.ndarray, hogs: np.ndarray, groups: 
             raise AucliError("calibration inputs disagree in frames or AUs")
         blocks.append(("fhog", fhogs, fhog_components))
     check_absolute(fhog_absolute, fhog_components)
+    check_vote(vote)
     for name, raw, k in blocks:
         if k > min(raw.shape[1], len(raw[::4])):
             raise AucliError(f"--{name}-components {k}: at most {min(raw.shape[1], len(raw[::4]))} "
                              "for this many frames")
-    head = VideoHead(num_aus, channels, hog_components, fhog_components, fhog_absolute)
+    head = VideoHead(num_aus, channels, hog_components, fhog_components, fhog_absolute, vote)
     projected = [features]
     for name, raw, k in blocks:
         raw_mean = raw.mean(0)
@@ -388,7 +450,7 @@ def fit_head(probs: np.ndarray, features: np.ndarray, hogs: np.ndarray, groups: 
 def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | None = None,
                          fold: int | None = None, val_fraction: float = 0.15, seed: int = 0,
                          hog_components: int = 256, fhog_components: int = 256, fhog_absolute: int | None = None,
-                         epochs: int = 60, lr: float = 1e-3, l2: float = 1e-3,
+                         vote: int = DEFAULT_VOTE, epochs: int = 60, lr: float = 1e-3, l2: float = 1e-3,
                          batch_size: int = 4, device: str = "cpu", workers: int = 0,
                          log=None) -> dict[str, Any]:
     """Fit a calibration head for ``checkpoint`` on the training people of its fold, tune the
@@ -402,7 +464,8 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
     from .aus import get_au_set
     from .checkpoint import load_model, save_with_video_head
     from .data.layout import load_split
-    from .evaluate import au_metrics, checkpoint_data, predict_reference, tune_thresholds, video_groups
+    from .evaluate import au_metrics, checkpoint_data, decision_metrics, predict_reference, tune_thresholds, \
+        video_groups
     from .inference import resolve_precision
     from .train import hold_out_subjects
 
@@ -410,6 +473,7 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
     if fhog_absolute is None:
         fhog_absolute = min(DEFAULT_FHOG_ABSOLUTE, fhog_components)
     check_absolute(fhog_absolute, fhog_components)
+    check_vote(vote)
     output = Path(output)
     if output.exists() and Path(checkpoint).resolve() == output.resolve():
         raise AucliError(f"{output}: choose an output other than the checkpoint itself")
@@ -443,16 +507,20 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
     head = fit_head(probs, feats[:, :channels], feats[:, channels:end], video_groups(splits["train"]),
                     splits["train"].labels, hog_components=hog_components,
                     fhogs=feats[:, end:] if fhog_components else None, fhog_components=fhog_components,
-                    fhog_absolute=fhog_absolute, epochs=epochs, lr=lr, l2=l2, seed=seed)
+                    fhog_absolute=fhog_absolute, vote=vote, epochs=epochs, lr=lr, l2=l2, seed=seed)
 
     def calibrated(name: str) -> np.ndarray:
         p, f = outputs[name]
         return head.calibrate(p, head.project(torch.from_numpy(f)).numpy(), video_groups(splits[name]))
 
-    val_probs = calibrated("val")
-    thresholds = tune_thresholds(val_probs, splits["val"].labels, np.round(np.arange(0.02, 0.981, 0.02), 2))
+    val_probs, val_groups = calibrated("val"), video_groups(splits["val"])
+    grid = np.round(np.arange(0.02, 0.981, 0.02), 2)
+    if vote:
+        thresholds = tune_voted_thresholds(val_probs, splits["val"].labels, val_groups, vote, grid)
+    else:
+        thresholds = tune_thresholds(val_probs, splits["val"].labels, grid)
     au_set = get_au_set(meta.au_set)
-    val = au_metrics(au_set, val_probs, splits["val"].labels, thresholds)
+    val = decision_metrics(head, au_set, val_probs, splits["val"].labels, thresholds, val_groups)
     # What the checkpoint gave before: MDHR alone, or the head it already has (its thresholds are that
     # head's), the latter on the same frames if the features computed here cover what it reads.
     previous = getattr(model, "video_head", None)
@@ -462,13 +530,14 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
         before = None
     else:
         p, f = outputs["val"]  # project() reads only the columns this head has
-        before = au_metrics(au_set, previous.calibrate(p, previous.project(torch.from_numpy(f)).numpy(),
-                                                       video_groups(splits["val"])),
-                            splits["val"].labels, meta.thresholds)
+        before = decision_metrics(previous, au_set,
+                                  previous.calibrate(p, previous.project(torch.from_numpy(f)).numpy(), val_groups),
+                                  splits["val"].labels, meta.thresholds, val_groups)
     record = {"video_head": {"fitted_on": "training people", "train_frames": len(splits["train"]),
                              "val_subjects": sorted(val_subjects), "hog_components": hog_components,
                              "fhog_components": fhog_components, "fhog_absolute": fhog_absolute,
-                             "epochs": epochs, "lr": lr, "l2": l2, "seed": seed, "val_mean_f1": val.mean_f1}}
+                             "vote": vote, "epochs": epochs, "lr": lr, "l2": l2, "seed": seed,
+                             "val_mean_f1": val.mean_f1}}
     if before is not None:
         key = "val_mean_f1_without" if previous is None else "val_mean_f1_previous_head"
         record["video_head"][key] = before.mean_f1

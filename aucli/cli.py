@@ -408,6 +408,10 @@ def calibrate_command(
                                                 help="How many of those components the head also reads as they "
                                                      "are, not relative to the face track (0: none; default 128, "
                                                      "or --fhog-components if fewer)."),
+    vote: int = typer.Option(7, "--vote", min=0,
+                             help="Smooth each face track's occurrence decisions by a majority vote over this "
+                                  "many frames, as OpenFace 2.0 does (odd; 0: no vote). Thresholds are tuned "
+                                  "with it."),
     epochs: int = typer.Option(60, "--epochs", min=1, help="Passes over the training frames (Adam)."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
     l2: float = typer.Option(1e-3, "--l2", min=0.0, help="L2 penalty on the head's weights."),
@@ -434,7 +438,7 @@ def calibrate_command(
     result = calibrate_checkpoint(
         named_checkpoint(checkpoint), output, data_root=data_root, dataset=dataset.value if dataset else None,
         fold=fold, val_fraction=val_fraction, seed=seed, hog_components=hog_components,
-        fhog_components=fhog_components, fhog_absolute=fhog_absolute, epochs=epochs, lr=lr, l2=l2,
+        fhog_components=fhog_components, fhog_absolute=fhog_absolute, vote=vote, epochs=epochs, lr=lr, l2=l2,
         batch_size=batch_size, device=device, workers=workers, log=log)
     if not quiet:
         before = result["before"]

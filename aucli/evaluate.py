@@ -88,6 +88,19 @@ def au_metrics(au_set: AUSet, probs: np.ndarray, labels: np.ndarray, thresholds=
                      [float(t) for t in thresholds])
 
 
+def decision_metrics(head, au_set: AUSet, probs: np.ndarray, labels: np.ndarray, thresholds,
+                     groups: np.ndarray) -> AUMetrics:
+    """``au_metrics`` of the decisions a model makes: with a calibration head that votes
+    (aucli/calibration.py), of its thresholded probabilities after the vote over each video
+    (``groups``, rows in frame order); else of the probabilities at the thresholds."""
+    if head is None or not head.vote:
+        return au_metrics(au_set, probs, labels, thresholds)
+    thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (au_set.num_aus,))
+    metrics = au_metrics(au_set, head.decide(probs, thresholds, groups), labels, 0.5)
+    metrics.thresholds = [float(t) for t in thresholds]
+    return metrics
+
+
 def tune_thresholds(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray | None = None) -> list[float]:
     """Per-AU threshold maximising pooled F1 on these frames (use a validation split, never test)."""
     grid = np.round(np.arange(0.05, 0.951, 0.05), 2) if grid is None else grid
@@ -288,7 +301,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_root: str | Path | None 
     data = load_split(data_root, fmt, split, fold)
     probs = predict_calibrated(model, data, protocol, batch_size=batch_size, device=device, workers=workers)
     thresholds = meta.thresholds if thresholds is None else thresholds
-    metrics = au_metrics(data.au_set, probs, data.labels, thresholds)
+    metrics = decision_metrics(getattr(model, "video_head", None), data.au_set, probs, data.labels, thresholds,
+                               video_groups(data))
     return EvalResult(metrics, fmt.name, int(fold), split, protocol, str(data_root), str(checkpoint))
 
 

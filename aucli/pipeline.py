@@ -134,6 +134,8 @@ class _Record:
     faces: list[TrackedFace]
     probs: list[np.ndarray | None] = field(default_factory=list)
     image: np.ndarray | None = None  # kept only for --overlay, until the row is final
+    # Per face, decisions that are not just probs >= thresholds (a calibration head's vote).
+    decisions: list[np.ndarray] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -308,6 +310,8 @@ class Detector:
             "source": meta.source,
             "precision": self.precision,
             "video_calibration": self.video_head is not None,
+            # Frames of the majority vote over each face track's decisions (0: AUxx_c = AUxx_p >= threshold).
+            "decision_vote": self.video_head.vote if self.video_head is not None else 0,
         }
 
     def _preprocess(self, faces: np.ndarray) -> torch.Tensor:
@@ -417,7 +421,8 @@ class Detector:
 
     def _calibrate(self, records: list[_Record], kept: _KeptRows, kept_faces: _KeptRows) -> None:
         """Replace MDHR's probabilities with the head's, each face track (face_id) calibrated
-        over all of its frames in the video, and give the records their faces back."""
+        over all of its frames in the video, with the head's decisions (its vote over the track's
+        frames, if it has one), and give the records their faces back."""
         faces = [(record, j) for record in records for j in range(len(record.faces))]
         if not faces:
             return
@@ -425,15 +430,20 @@ class Detector:
         numbers = np.array([record.probs[j] for record, j in faces])
         groups = np.array([record.faces[j].face_id for record, j in faces])
         calibrated = np.empty((len(faces), n), np.float32)
-        for g in np.unique(groups):  # one track's kept rows at a time: (F_g, N + D)
+        decided = np.empty((len(faces), n), bool)
+        for g in np.unique(groups):  # one track's kept rows at a time: (F_g, N + D), in frame order
             chosen = np.flatnonzero(groups == g)
             inputs = kept.take(numbers[chosen])
             calibrated[chosen] = self.video_head.calibrate(inputs[:, :n], inputs[:, n:], groups[chosen])
+            decided[chosen] = self.video_head.decide(calibrated[chosen], self.thresholds, groups[chosen])
         boxes = kept_faces.rows()
-        for (record, j), p in zip(faces, calibrated):
+        for (record, j), p, d in zip(faces, calibrated, decided):
             face = record.faces[j]
             row = boxes[face.index]
             record.probs[j] = p
+            if not record.decisions:
+                record.decisions = [d] * len(record.faces)  # each face's own is set below
+            record.decisions[j] = d
             record.faces[j] = TrackedFace(face.face_id, face.segment,
                                           FaceDetection(row[:4], row[4:].reshape(-1, 2), face.confidence))
 
@@ -452,9 +462,9 @@ class Detector:
             empty = [np.nan] * 4 + [None] * len(self.labels) + [np.nan] * len(self.labels)
             return [[record.index + 1, NO_FACE_ID[self.faces], record.timestamp, 0.0, 0] + empty]
         rows = []
-        for face, probs in zip(record.faces, record.probs):
+        for j, (face, probs) in enumerate(zip(record.faces, record.probs)):
             x1, y1, x2, y2 = face.detection.box
-            decisions = (probs >= self.thresholds).astype(int).tolist()
+            decisions = self._decisions(record, j).astype(int).tolist()
             rows.append(
                 [record.index + 1, face.face_id, record.timestamp, face.detection.confidence, 1,
                  x1, y1, x2 - x1, y2 - y1, *decisions, *probs.astype(np.float64).tolist()]
@@ -464,9 +474,15 @@ class Detector:
     def _marks(self, record: _Record) -> list[FaceMarks]:
         """What the overlay draws: the same boxes, probabilities and decisions as the rows."""
         return [
-            FaceMarks(face.face_id, face.detection.box, face.detection.landmarks, probs, probs >= self.thresholds)
-            for face, probs in zip(record.faces, record.probs)
+            FaceMarks(face.face_id, face.detection.box, face.detection.landmarks, probs, self._decisions(record, j))
+            for j, (face, probs) in enumerate(zip(record.faces, record.probs))
         ]
+
+    def _decisions(self, record: _Record, j: int) -> np.ndarray:
+        """Face j's occurrence decisions: the calibration head's (after its vote), else probs >= thresholds."""
+        if record.decisions:
+            return record.decisions[j]
+        return record.probs[j] >= self.thresholds
 
     def _table(self, rows: list[list]) -> pd.DataFrame:
         columns = table_columns(self.labels)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from aucli.calibration import (
-    VideoHead, fhog, fhog_dim, fit_head, group_medians, head_from_state, head_state, hog, hog_dim,
+    VideoHead, check_vote, fhog, fhog_dim, fit_head, group_medians, head_from_state, head_state, hog, hog_dim,
+    tune_voted_thresholds, vote_decisions,
 )
 from aucli.checkpoint import load_checkpoint, load_model, save_with_video_head
 from aucli.errors import AucliError
@@ -221,6 +223,79 @@ def test_calibrate_in_steps_equals_all_at_once(monkeypatch):
     assert np.allclose(head.calibrate(probs, inputs, groups), expected, atol=1e-6)
 
 
+def _openface_vote(decisions: np.ndarray, window: int) -> np.ndarray:
+    """One track's decisions (F, N) smoothed as OpenFace 2.0's FaceAnalyser does, written out as its
+    loop: frames window//2 .. F-window//2-1 take the mean of the window's original decisions >= 0.5."""
+    out = decisions.copy()
+    half = (window - 1) // 2
+    if len(decisions) > half:
+        for i in range(half, len(decisions) - half):
+            out[i] = decisions[i - half : i + half + 1].mean(0) >= 0.5
+    return out
+
+
+def test_vote_is_openface_majority_over_each_track():
+    rng = np.random.default_rng(0)
+    for frames in (0, 1, 3, 6, 7, 8, 40):
+        d = rng.random((frames, 4)) < 0.4
+        assert (vote_decisions(d, np.zeros(frames, int), 7) == _openface_vote(d, 7)).all(), frames
+    d = rng.random((90, 3)) < 0.5
+    groups = rng.integers(0, 3, 90)  # tracks interleaved, as faces in a video
+    voted = vote_decisions(d, groups, 5)
+    for g in range(3):
+        rows = np.flatnonzero(groups == g)
+        assert (voted[rows] == _openface_vote(d[rows], 5)).all()
+    assert (voted != d).any()  # the vote changed something, so the comparison above means something
+    assert (vote_decisions(d, groups, 0) == d).all()
+    single = np.zeros((9, 1), bool)
+    single[4] = True  # one frame alone is outvoted; a run of four in seven is not
+    assert not vote_decisions(single, np.zeros(9, int), 7).any()
+    single[2:6] = True
+    assert vote_decisions(single, np.zeros(9, int), 7)[3:6, 0].all()
+    for bad in (2, 4, 1, -3):
+        with pytest.raises(AucliError, match=f"--vote {bad}: "):
+            check_vote(bad)
+
+
+def test_voted_thresholds_maximise_f1_after_the_vote():
+    from aucli.evaluate import au_metrics, confusion, decision_metrics, scores, tune_thresholds
+
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(4), 60)
+    labels = np.repeat(rng.random((24, 3)) < 0.4, 10, axis=0).astype(np.int64)  # runs of ten frames
+    labels[::17, 1] = 9  # unknown
+    probs = np.clip(0.3 * labels + 0.7 * rng.random(labels.shape), 0, 1)  # noisy frame to frame
+    grid = np.round(np.arange(0.02, 0.981, 0.02), 2)
+    assert tune_voted_thresholds(probs, labels, groups, 0, grid) == tune_thresholds(probs, labels, grid)
+    chosen = tune_voted_thresholds(probs, labels, groups, 7, grid)
+    for n, t in enumerate(chosen):
+        f1 = [scores(confusion(vote_decisions(probs[:, n : n + 1] >= g, groups, 7), labels[:, n : n + 1], 0.5))[0][0]
+              for g in grid]
+        assert f1[list(grid).index(t)] == max(f1)
+    au_set = SimpleNamespace(num_aus=3, labels=["AU01", "AU02", "AU04"])  # what au_metrics reads
+    head = VideoHead(3, 8, 2, vote=7)
+    metrics = decision_metrics(head, au_set, probs, labels, chosen, groups)
+    expected = au_metrics(au_set, vote_decisions(probs >= chosen, groups, 7), labels, 0.5)
+    assert metrics.f1 == expected.f1 and metrics.thresholds == chosen
+    plain = au_metrics(au_set, probs, labels, chosen)
+    assert metrics.f1 != plain.f1
+    assert decision_metrics(VideoHead(3, 8, 2), au_set, probs, labels, chosen, groups).f1 == plain.f1
+
+
+def test_head_stores_its_vote(tmp_path):
+    head = VideoHead(4, 8, 3, vote=7)
+    assert head.config["vote"] == 7 and "vote" not in VideoHead(4, 8, 3).config  # older heads: no key
+    again = head_from_state(head_state(head), "x.pt")
+    assert again.vote == 7
+    probs = np.tile(np.array([[0.2], [0.9], [0.2], [0.2], [0.9], [0.9], [0.9], [0.9], [0.2]]), (1, 4))
+    assert again.decide(probs, [0.5] * 4, np.zeros(9, int))[:, 0].tolist() == [
+        False, True, False, True, True, True, True, True, False]
+    broken = head_state(head)
+    broken["config"]["vote"] = 4
+    with pytest.raises(AucliError, match="x.pt: malformed video_head config"):
+        head_from_state(broken, "x.pt")
+
+
 def _head_for(model, seed=0) -> VideoHead:
     """A random head with the shapes the tiny model needs, its weights large enough to matter."""
     torch.manual_seed(seed)
@@ -257,3 +332,19 @@ def test_detect_and_eval_use_the_head(tmp_path):
     assert overlay.is_file() and overlay.stat().st_size > 10_000
     decisions = pb.loc[face, [c[:-2] + "_c" for c in cols]].to_numpy(int)
     assert (decisions == (pb.loc[face, cols].to_numpy(float) >= 0.5)).all()
+
+    # A head that votes: the same probabilities; the decisions are the vote over each face track.
+    head.vote = 7
+    voting, voted = tmp_path / "vote.pt", tmp_path / "voted.json"
+    save_with_video_head(source, voting, head_state(head), [0.5] * model.au_set.num_aus)
+    done = subprocess.run([sys.executable, "-m", "aucli", "detect", str(video), "-o", str(voted),
+                           "--checkpoint", str(voting)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(voted.read_text())
+    assert doc["model"]["decision_vote"] == 7 and b["model"]["decision_vote"] == 0
+    pv = pd.DataFrame(doc["rows"], columns=doc["columns"])
+    assert np.allclose(pv.loc[face, cols].to_numpy(float), pb.loc[face, cols].to_numpy(float), atol=1e-6)
+    above = pv.loc[face, cols].to_numpy(float) >= 0.5
+    got = pv.loc[face, [c[:-2] + "_c" for c in cols]].to_numpy(int)
+    assert (got == vote_decisions(above, pv.loc[face, "face_id"].to_numpy(), 7)).all()
+    assert (got != above).any()  # the vote changed some decisions

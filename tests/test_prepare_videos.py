@@ -192,6 +192,9 @@ def test_calibrate_fits_a_head_that_eval_and_detect_use(prepared, tmp_path):
     wrong = subprocess.run([*cli, "--fhog-absolute", "7"], capture_output=True, text=True, timeout=600)
     assert wrong.returncode != 0 and wrong.stderr.count("\n") == 1 and "--fhog-absolute 7" in wrong.stderr
     assert "running the model" not in wrong.stderr and not out.exists()  # refused before any work
+    even = subprocess.run([*cli, "--vote", "4"], capture_output=True, text=True, timeout=600)
+    assert even.returncode != 0 and even.stderr.count("\n") == 1 and "--vote 4" in even.stderr
+    assert "running the model" not in even.stderr and not out.exists()
     done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "validation mean F1" in done.stderr and str(out) in done.stderr
@@ -202,6 +205,7 @@ def test_calibrate_fits_a_head_that_eval_and_detect_use(prepared, tmp_path):
     head = model.video_head
     assert head.hog_components == 8 and head.fhog_components == 6 and head.num_aus == 17
     assert head.fhog_absolute == 6  # the default, 128, is more than there are components
+    assert head.vote == 7  # OpenFace's seven-frame vote, by default
     stored = torch.load(out, map_location="cpu", weights_only=True)
     assert stored["video_head"]["state_dict"]["hog_basis"].dtype == torch.float16
     assert stored["video_head"]["state_dict"]["fhog_basis"].dtype == torch.float16
@@ -209,7 +213,7 @@ def test_calibrate_fits_a_head_that_eval_and_detect_use(prepared, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
     record = stored["metadata"]["source"]["video_head"]
     assert record["hog_components"] == 8 and record["fhog_components"] == 6 and record["epochs"] == 5
-    assert record["fhog_absolute"] == 6
+    assert record["fhog_absolute"] == 6 and record["vote"] == 7
     assert record["fitted_on"] == "training people" and "val_mean_f1_without" in record
     train_people = set(load_split(prepared, "videos", "train", 1).subjects)
     assert set(record["val_subjects"]) < train_people  # held out from the training people, never test
