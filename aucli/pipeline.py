@@ -135,7 +135,7 @@ class _Record:
     probs: list[np.ndarray | None] = field(default_factory=list)
     image: np.ndarray | None = None  # kept only for --overlay, until the row is final
     # Per face, decisions that are not just probs >= thresholds (a calibration head's vote).
-    decisions: list[np.ndarray] = field(default_factory=list)
+    decisions: list[np.ndarray | None] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -437,12 +437,12 @@ class Detector:
             calibrated[chosen] = self.video_head.calibrate(inputs[:, :n], inputs[:, n:], groups[chosen])
             decided[chosen] = self.video_head.decide(calibrated[chosen], self.thresholds, groups[chosen])
         boxes = kept_faces.rows()
+        for record in records:
+            record.decisions = [None] * len(record.faces)
         for (record, j), p, d in zip(faces, calibrated, decided):
             face = record.faces[j]
             row = boxes[face.index]
             record.probs[j] = p
-            if not record.decisions:
-                record.decisions = [d] * len(record.faces)  # each face's own is set below
             record.decisions[j] = d
             record.faces[j] = TrackedFace(face.face_id, face.segment,
                                           FaceDetection(row[:4], row[4:].reshape(-1, 2), face.confidence))
