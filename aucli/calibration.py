@@ -226,9 +226,19 @@ def vote_decisions(decisions: np.ndarray, groups: np.ndarray, window: int) -> np
     return out
 
 
-def check_vote(vote: int) -> None:
+def _valid_vote(vote: int) -> bool:
     """A vote window is 0 (none) or an odd number of frames, 3 or more."""
-    if vote != 0 and (vote < 3 or vote % 2 == 0):
+    return vote == 0 or (vote >= 3 and vote % 2 == 1)
+
+
+def _valid_absolute(fhog_absolute: int, fhog_components: int) -> bool:
+    """The FHOG components given as they are must be some of those the head has."""
+    return 0 <= fhog_absolute <= fhog_components
+
+
+def check_vote(vote: int) -> None:
+    """``_valid_vote``, as a one-line error naming the option."""
+    if not _valid_vote(vote):
         raise AucliError(f"--vote {vote}: 0 (no vote) or an odd number of frames, 3 or more")
 
 
@@ -260,9 +270,9 @@ class VideoHead(nn.Module):
     def __init__(self, num_aus: int, backbone_channels: int, hog_components: int, fhog_components: int = 0,
                  fhog_absolute: int = 0, vote: int = 0) -> None:
         super().__init__()
-        if not 0 <= fhog_absolute <= fhog_components:
+        if not _valid_absolute(fhog_absolute, fhog_components):
             raise ValueError(f"fhog_absolute {fhog_absolute} not between 0 and fhog_components {fhog_components}")
-        if vote != 0 and (vote < 3 or vote % 2 == 0):
+        if not _valid_vote(vote):
             raise ValueError(f"vote {vote}: not 0 or an odd number of frames, 3 or more")
         self.num_aus, self.backbone_channels, self.hog_components = num_aus, backbone_channels, hog_components
         self.fhog_components, self.fhog_absolute, self.vote = fhog_components, fhog_absolute, vote
@@ -376,8 +386,8 @@ def head_from_state(stored: Any, where: str) -> VideoHead:
 
 
 def check_absolute(fhog_absolute: int, fhog_components: int) -> None:
-    """The FHOG components given as they are must be some of those the head has."""
-    if not 0 <= fhog_absolute <= fhog_components:
+    """``_valid_absolute``, as a one-line error naming the options."""
+    if not _valid_absolute(fhog_absolute, fhog_components):
         raise AucliError(f"--fhog-absolute {fhog_absolute}: at most --fhog-components ({fhog_components})")
 
 
@@ -464,8 +474,7 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
     from .aus import get_au_set
     from .checkpoint import load_model, save_with_video_head
     from .data.layout import load_split
-    from .evaluate import au_metrics, checkpoint_data, decision_metrics, predict_reference, tune_thresholds, \
-        video_groups
+    from .evaluate import au_metrics, checkpoint_data, decision_metrics, predict_reference, video_groups
     from .inference import resolve_precision
     from .train import hold_out_subjects
 
@@ -514,11 +523,9 @@ def calibrate_checkpoint(checkpoint, output, *, data_root=None, dataset: str | N
         return head.calibrate(p, head.project(torch.from_numpy(f)).numpy(), video_groups(splits[name]))
 
     val_probs, val_groups = calibrated("val"), video_groups(splits["val"])
-    grid = np.round(np.arange(0.02, 0.981, 0.02), 2)
-    if vote:
-        thresholds = tune_voted_thresholds(val_probs, splits["val"].labels, val_groups, vote, grid)
-    else:
-        thresholds = tune_thresholds(val_probs, splits["val"].labels, grid)
+    # With vote 0 this is evaluate.tune_thresholds (tests/test_calibration.py).
+    thresholds = tune_voted_thresholds(val_probs, splits["val"].labels, val_groups, vote,
+                                       np.round(np.arange(0.02, 0.981, 0.02), 2))
     au_set = get_au_set(meta.au_set)
     val = decision_metrics(head, au_set, val_probs, splits["val"].labels, thresholds, val_groups)
     # What the checkpoint gave before: MDHR alone, or the head it already has (its thresholds are that
