@@ -213,7 +213,11 @@ class WindowPredictor:
                 statics.append(static)
                 motions.append(motion)
                 outputs.append(frames)
-            probs, _ = self.model.predict_window(torch.stack(statics), torch.stack(motions))
+            if len(batch) == 1:  # one job (the usual case): no copy
+                static, motion = statics[0][None], motions[0][None]
+            else:
+                static, motion = torch.stack(statics), torch.stack(motions)
+            probs, _ = self.model.predict_window(static, motion)
             probs = probs.float().cpu().numpy()  # (B, W, N)
             for b, frames in enumerate(outputs):
                 for position, key in frames:

@@ -109,6 +109,23 @@ def test_runner_uses_the_fused_backbone_on_the_cpu():
     assert all(torch.equal(a, b) for a, b in zip(fused.maps, plain.maps))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_motion_is_kept_in_the_compute_dtype_and_the_head_reads_it_exactly(precision):
+    """Projected differences stay in the dtype they were computed in (half the bytes in bf16
+    while they wait for their windows); the head takes them to float32 without loss."""
+    runner = InferenceModel(tiny_model(12, 2), precision)
+    frames = torch.randn(6, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        codes = runner.encode_frames(frames)
+        motion = runner.encode_motion([m[:-1] for m in codes.maps], [m[1:] for m in codes.maps])
+        assert motion.dtype == inference.DTYPES[precision]
+        assert motion.shape[:2] == (5, 4)
+        static = codes.static[None]
+        kept, _ = runner.predict_window(static, motion[None])
+        widened, _ = runner.predict_window(static, motion.float()[None])
+    assert kept.dtype == torch.float32 and torch.equal(kept, widened)
+
+
 def _predict(runner, faces: np.ndarray, clip_length: int) -> np.ndarray:
     predictor = WindowPredictor(runner, clip_length, face_to_tensor, batch_size=5)
     for i, face in enumerate(faces):
