@@ -306,11 +306,11 @@ class _ResNetFused:
     already (``fold_batchnorm``): the ``bn`` modules are identities.
 
     The residual addition stays a separate step: fusing it too (oneDNN's "add" post-op)
-    measured another ~13 % on the bf16 backbone once but rounds the sum once instead of
-    twice, so bf16 results would move by one bf16 step; in fp32 it changed nothing and
-    gained ~2 %. Measured again on the 2-core Intel Xeon (AMX), 2026-12-06, bf16, batch 16,
-    eight alternating rounds: +0.7 % for ResNet-18 and +2.2 % for ResNet-50 (medians of the
-    paired ratios), too little for the change in the numbers.
+    measured another ~13 % on the bf16 backbone in a first measurement, but it rounds the
+    sum once instead of twice, so bf16 results would move by one bf16 step; in fp32 it
+    changed nothing and gained ~2 %. Measured again on the 2-core Intel Xeon (AMX),
+    2026-12-06, bf16, batch 16, eight alternating rounds: +0.7 % for ResNet-18 and +2.2 %
+    for ResNet-50 (medians of the paired ratios), too little for the change in the numbers.
     """
 
     def __init__(self, resnet: nn.Module) -> None:
