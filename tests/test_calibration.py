@@ -40,6 +40,17 @@ def test_hog_sees_edges_and_ignores_contrast():
     assert torch.allclose(out[1], out[2], atol=0.02)  # block normalisation: half the contrast, same HOG
 
 
+def test_hog_halves_the_model_input_exactly_as_area_resizing_does():
+    from aucli.calibration import _halve
+
+    x = _normalise(torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
+    for layout in (x, x.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(_halve(layout), torch.nn.functional.interpolate(x, size=112, mode="area"))
+    # The same features as from faces area-resized first (the path of inputs of other sizes).
+    resized = torch.nn.functional.interpolate(x, size=112, mode="area")
+    assert torch.equal(hog(x, MEAN, STD), hog(resized, MEAN, STD))
+
+
 def test_fhog_sees_edges_their_sign_and_ignores_contrast():
     flat = torch.full((1, 3, 224, 224), 0.5)
     rising = flat.clone()
