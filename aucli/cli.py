@@ -220,6 +220,10 @@ def detect(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Find Action Units in videos: one row per frame (per face with --faces all)."""
+    # Idle OpenMP threads sleep rather than spin, so that the face stage can run on a thread of
+    # its own beside the model (pipeline.overlap_default). OpenMP reads it as torch loads.
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .detect_cli import run_detect
 
     status = run_detect(

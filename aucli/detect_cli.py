@@ -107,9 +107,11 @@ def summary_line(name: str, table: Any, write_seconds: float, output: Path, over
     stages = dict(summary["stages"], write=write_seconds)
     total = summary["seconds"] + write_seconds
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
+    # The stages' times are each stage's own; with the face stage beside the model they overlap,
+    # so they may add up to more than the total.
     return (
         f"{name}: {frames} frames, {share:.0%} with a face, {frames / max(total, 1e-9):.1f} frames/s "
-        f"({timing}) -> {output}" + (f", {overlay}" if overlay else "")
+        f"in {total:.1f} s ({timing}) -> {output}" + (f", {overlay}" if overlay else "")
     )
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Hashable, Iterator
@@ -62,6 +64,77 @@ CHECKPOINT_HELP = (
     "get one by training (`aucli train`) or by converting a reference MDHR checkpoint "
     "(`aucli convert-official`)"
 )
+
+
+# With the face stage beside the model (Detector(overlap=...)), how many groups of
+# DETECTION_BATCH frames it may run ahead: their frames and aligned faces wait in memory.
+AHEAD_GROUPS = 2
+
+
+def overlap_default(device: torch.device) -> bool:
+    """Run the face stage on a thread of its own, beside the model? On a CPU with more than one
+    torch thread, and only where OpenMP's idle threads sleep (``OMP_WAIT_POLICY=PASSIVE``, which
+    ``aucli detect`` sets unless the environment does). Spinning idle threads keep both cores busy,
+    and the face thread then only delays the model's multi-threaded operations (README, Speed)."""
+    return (device.type == "cpu" and torch.get_num_threads() > 1
+            and os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive")
+
+
+@dataclass
+class _Step:
+    """One frame out of the face stage: its faces, the aligned faces now ready for the model
+    (of this or earlier frames) and the face segments that ended on it. ``index`` None: the
+    end of the video, which only releases what is still waiting."""
+
+    index: int | None
+    timestamp: float
+    faces: list[TrackedFace]
+    image: np.ndarray | None  # kept only for --overlay
+    ready: list
+    ended: set[int]
+
+
+class _Ahead:
+    """Runs an iterator on a worker thread, at most ``depth`` items ahead of the caller;
+    iterating gives its items in order and raises what it raised. ``close`` stops the
+    thread and waits for it, so that what it reads (a video) can be closed after."""
+
+    def __init__(self, items: Iterator, depth: int) -> None:
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), name="aucli-faces", daemon=True)
+        self._thread.start()
+
+    def _run(self, items: Iterator) -> None:
+        try:
+            for item in items:
+                if not self._put((True, item)):
+                    return
+            self._put((False, None))
+        except BaseException as error:  # handed to the caller, raised there
+            self._put((False, error))
+
+    def _put(self, entry: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator:
+        while True:
+            more, value = self._queue.get()
+            if not more:
+                if value is not None:
+                    raise value
+                return
+            yield value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class Progress(Protocol):
@@ -264,6 +337,7 @@ class Detector:
         min_confidence: float = 0.9,
         precision: str = "auto",
         redetect: int = REDETECT,
+        overlap: bool | None = None,
     ) -> None:
         from .checkpoint import file_sha256, load_model
         from .inference import InferenceModel, resolve_precision
@@ -296,6 +370,8 @@ class Detector:
         )
         self.batch_size, self.faces, self.fps, self.smoothing = batch_size, faces, fps, smoothing
         self.redetect = redetect
+        # The face stage on a thread of its own, beside the model (same results either way).
+        self.overlap = overlap_default(self.device) if overlap is None else bool(overlap)
         self.face_detector = FaceDetector(self.device, min_face_size, min_confidence)
         self.model_info = {
             "checkpoint": str(self.checkpoint),
@@ -333,9 +409,6 @@ class Detector:
         reader = open_video(path, self.fps)
         if progress is not None:
             progress.start(reader.info)
-        follower = FaceFollower(self.face_detector, self.redetect)
-        tracker = FaceTracker(self.faces)
-        aligner = _Aligner(self.smoothing)
         meta = self.model.metadata
         head = self.video_head
         frame_features = None
@@ -350,7 +423,6 @@ class Detector:
         order: deque[int] = deque()
         rows: list[list] = []
         finished: list[_Record] = []  # with a calibration head: every record, until the video ends
-        active: set[int] = set()
 
         def feed(ready: list, ended: set[int] = frozenset()) -> None:
             with timer("model"):
@@ -379,30 +451,20 @@ class Detector:
             drawer = None
             if overlay is not None:
                 drawer = stack.enter_context(OverlayWriter(overlay, reader.info, self.labels, self.thresholds))
-            keep_images = drawer is not None and head is None
-            for chunk in _batches(reader, DETECTION_BATCH, timer):
-                with timer("faces"):
-                    detections = follower([f.image for f in chunk])
-                for frame, found in zip(chunk, detections):
-                    with timer("faces"):
-                        tracked = tracker.update(found)
-                        records[frame.index] = _Record(frame.index, frame.timestamp, tracked, [None] * len(tracked),
-                                                       frame.image if keep_images else None)
-                        order.append(frame.index)
-                        now = {t.segment for t in tracked}
-                        ended = active - now
-                        ready = [item for s in ended for item in aligner.end(s)]
-                        for j, face in enumerate(tracked):
-                            ready += aligner.add(
-                                face.segment, (frame.index, j), frame.image, face.detection.landmarks
-                            )
-                        active = now
-                    feed(ready, ended)
+            steps = self._face_stage(reader, timer, keep_images=drawer is not None and head is None)
+            if self.overlap:
+                ahead = _Ahead(steps, AHEAD_GROUPS)
+                stack.callback(ahead.close)  # before the video closes: the thread reads it
+                steps = iter(ahead)
+            for group in steps:
+                for step in group:
+                    if step.index is not None:
+                        records[step.index] = _Record(step.index, step.timestamp, step.faces,
+                                                      [None] * len(step.faces), step.image)
+                        order.append(step.index)
+                    feed(step.ready, step.ended)
                 if progress is not None:
-                    progress.advance(len(chunk))
-            with timer("faces"):
-                ready = [item for s in aligner.open_segments() for item in aligner.end(s)]
-            feed(ready, set(active))
+                    progress.advance(sum(step.index is not None for step in group))
             with timer("model"):
                 predictor.flush()
             feed([])
@@ -418,6 +480,32 @@ class Detector:
             self._metadata(reader, table, timer.seconds, time.perf_counter() - started)
         )
         return table
+
+    def _face_stage(self, reader, timer: StageTimer, keep_images: bool) -> Iterator[list[_Step]]:
+        """Decode, find, follow, track and align faces: per group of DETECTION_BATCH frames, a
+        _Step per frame; at the end, one more group that releases the faces still waiting."""
+        follower = FaceFollower(self.face_detector, self.redetect)
+        tracker = FaceTracker(self.faces)
+        aligner = _Aligner(self.smoothing)
+        active: set[int] = set()
+        for chunk in _batches(reader, DETECTION_BATCH, timer):
+            with timer("faces"):
+                detections = follower([f.image for f in chunk])
+                group = []
+                for frame, found in zip(chunk, detections):
+                    tracked = tracker.update(found)
+                    now = {t.segment for t in tracked}
+                    ended = active - now
+                    ready = [item for s in ended for item in aligner.end(s)]
+                    for j, face in enumerate(tracked):
+                        ready += aligner.add(face.segment, (frame.index, j), frame.image, face.detection.landmarks)
+                    active = now
+                    group.append(_Step(frame.index, frame.timestamp, tracked, frame.image if keep_images else None,
+                                       ready, ended))
+            yield group
+        with timer("faces"):
+            ready = [item for s in aligner.open_segments() for item in aligner.end(s)]
+        yield [_Step(None, 0.0, [], None, ready, set(active))]
 
     def _calibrate(self, records: list[_Record], kept: _KeptRows, kept_faces: _KeptRows) -> None:
         """Replace MDHR's probabilities with the head's, each face track (face_id) calibrated
@@ -497,7 +585,8 @@ class Detector:
         return {
             "aucli_version": __version__,
             "video": video,
-            "model": dict(self.model_info, device=str(self.device), faces=self.faces, redetect=self.redetect),
+            "model": dict(self.model_info, device=str(self.device), faces=self.faces, redetect=self.redetect,
+                          overlap=self.overlap),
             "summary": {
                 "frames": frames,
                 "frames_with_face": with_face,

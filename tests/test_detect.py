@@ -467,3 +467,95 @@ def test_rows_kept_for_the_end_of_a_video_come_back_exactly():
         assert (k.face_id, k.segment, k.confidence) == (face.face_id, face.segment, face.detection.confidence)
         assert np.array_equal(rows[k.index, :4], face.detection.box)
         assert np.array_equal(rows[k.index, 4:].reshape(-1, 2), face.detection.landmarks)
+
+
+def test_face_stage_beside_the_model_gives_the_same_table(tables, detector, checkpoint):
+    """``overlap``: decoding and the face stage run on a thread of their own, up to
+    AHEAD_GROUPS groups of frames ahead of the model; the table is the same to the bit."""
+    beside = Detector(checkpoint, device="cpu", batch_size=8, overlap=True)
+    assert beside.overlap and not detector.overlap  # the suite's one torch thread: apart by default
+    for name in ("face_noface.mov", "single_face.mp4"):
+        table = beside.run(VIDEOS / name)
+        pd.testing.assert_frame_equal(table, tables(name), check_exact=True)
+        assert table.attrs["model"]["overlap"] is True
+        assert table.attrs["summary"]["stages"]["faces"] > 0
+    everyone = [Detector(checkpoint, device="cpu", faces="all", overlap=o).run(VIDEOS / "face_noface.mov")
+                for o in (False, True)]
+    pd.testing.assert_frame_equal(*everyone, check_exact=True)
+
+
+def test_face_thread_failures_and_interrupts_stop_the_run_and_the_thread(checkpoint, monkeypatch):
+    import threading
+
+    from aucli import pipeline
+    from aucli.errors import AucliError
+
+    def threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name == "aucli-faces"]
+
+    follow = pipeline.FaceFollower.__call__
+    groups = []
+
+    def failing(self, images):
+        groups.append(len(images))
+        if len(groups) == 3:
+            raise AucliError("frame 33 is broken")
+        return follow(self, images)
+
+    beside = Detector(checkpoint, device="cpu", batch_size=8, overlap=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.FaceFollower, "__call__", failing)
+        with pytest.raises(AucliError, match="frame 33 is broken"):
+            beside.run(VIDEOS / "WolfgangLanger_Pexels.mp4")
+    assert groups == [16, 16, 16] and not threads()
+
+    add = WindowPredictor.add
+    faces = []
+
+    def interrupted(self, segment, key, face):
+        faces.append(key)
+        if len(faces) == 40:
+            raise KeyboardInterrupt
+        return add(self, segment, key, face)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(WindowPredictor, "add", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            beside.run(VIDEOS / "WolfgangLanger_Pexels.mp4")
+    assert len(faces) == 40 and not threads()
+
+
+def test_overlap_only_where_idle_openmp_threads_sleep(monkeypatch):
+    from aucli.pipeline import overlap_default
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for policy, expected in (("PASSIVE", True), ("passive", True), ("ACTIVE", False), (None, False)):
+        if policy is None:
+            monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        else:
+            monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+        assert overlap_default(cpu) is expected, policy
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert overlap_default(cpu) is False
+
+
+def test_cli_overlaps_the_face_stage_unless_told_otherwise(tmp_path, checkpoint):
+    """`aucli detect` sets OMP_WAIT_POLICY=PASSIVE before torch loads, unless the environment
+    sets a policy; with two torch threads the face stage then runs beside the model."""
+    import subprocess
+
+    clip = shutil.copy(VIDEOS / "single_face.mp4", tmp_path / "clip.mp4")
+    seen = {}
+    for policy in (None, "ACTIVE"):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        env["OMP_NUM_THREADS"] = "2"
+        if policy:
+            env["OMP_WAIT_POLICY"] = policy
+        out = tmp_path / f"{policy}.json"
+        done = subprocess.run([sys.executable, "-m", "aucli", "detect", str(clip), "-o", str(out), "--checkpoint",
+                               str(checkpoint), "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        assert "72 frames, 100% with a face" in done.stderr and " s (decode " in done.stderr
+        seen[policy] = json.loads(out.read_text())["model"]["overlap"]
+    assert seen == {None: True, "ACTIVE": False}
