@@ -94,6 +94,16 @@ class _Step:
     ended: set[int]
 
 
+def _idle_priority() -> None:
+    """Let the calling thread run only on a core nothing else of this machine wants (Linux's
+    SCHED_IDLE; elsewhere nothing changes). The face thread then never keeps one of the model's
+    OpenMP threads waiting for a core, and runs whenever the model leaves one free (README, Speed)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+
+
 class _Ahead:
     """Runs an iterator on a worker thread, at most ``depth`` items ahead of the caller;
     iterating gives its items in order and raises what it raised. ``close`` stops the
@@ -106,6 +116,7 @@ class _Ahead:
         self._thread.start()
 
     def _run(self, items: Iterator) -> None:
+        _idle_priority()
         try:
             for item in items:
                 if not self._put((True, item)):
