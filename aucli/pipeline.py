@@ -655,7 +655,9 @@ def detect(
     threshold (None: the checkpoint's per-AU thresholds), fps (for image
     folders, 30), smoothing (landmark smoothing radius, 2; 0 turns it off),
     min_face_size (40), min_confidence (0.9), precision ("auto" | "fp32" | "bf16"),
-    redetect (full face detection every N frames, 16; 1: every frame). ``overlay``: also write
-    the annotated video (.mp4, .mov, .mkv) there. Metadata is in ``.attrs``.
+    redetect (full face detection every N frames, 16; 1: every frame), overlap (decode and the
+    face stage on a thread of their own beside the model; None: on a CPU with more than one torch
+    thread where ``OMP_WAIT_POLICY=PASSIVE``; the table is the same either way). ``overlay``: also
+    write the annotated video (.mp4, .mov, .mkv) there. Metadata is in ``.attrs``.
     """
     return Detector(checkpoint, **options).run(path, progress, overlay=overlay)
