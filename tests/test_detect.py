@@ -469,7 +469,7 @@ def test_rows_kept_for_the_end_of_a_video_come_back_exactly():
         assert np.array_equal(rows[k.index, 4:].reshape(-1, 2), face.detection.landmarks)
 
 
-def test_face_stage_beside_the_model_gives_the_same_table(tables, detector, checkpoint):
+def test_face_stage_beside_the_model_gives_the_same_table(tables, detector, checkpoint, monkeypatch):
     """``overlap``: decoding and the face stage run on a thread of their own, up to
     AHEAD_GROUPS groups of frames ahead of the model; the table is the same to the bit."""
     from aucli import pipeline
@@ -482,11 +482,9 @@ def test_face_stage_beside_the_model_gives_the_same_table(tables, detector, chec
         policies.add(os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None)
         return follow(self, images)
 
-    pipeline.FaceFollower.__call__ = noting
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.FaceFollower, "__call__", noting)
         tables_beside = {name: beside.run(VIDEOS / name) for name in ("face_noface.mov", "single_face.mp4")}
-    finally:
-        pipeline.FaceFollower.__call__ = follow
     assert policies == ({os.SCHED_IDLE} if hasattr(os, "SCHED_IDLE") else {None})
     for name, table in tables_beside.items():
         pd.testing.assert_frame_equal(table, tables(name), check_exact=True)
