@@ -77,3 +77,35 @@ def test_pretrain_bad_input_is_one_line_and_writes_nothing(tmp_path):
     out = _run("pretrain", "--resume", str(junk))
     assert out.returncode == 1 and "not the last.pt of an aucli pretrain run" in out.stderr
     assert out.stderr.strip().count("\n") == 0
+
+
+def _kernel_thp_mode() -> str | None:
+    """The kernel's transparent huge page mode (always, madvise or never), or None where unknown."""
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else None
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_detect_asks_torch_for_huge_pages_unless_told_otherwise(preset):
+    """Before torch loads, `aucli detect` sets THP_MEM_ALLOC_ENABLE=1 (torch's CPU allocator then
+    asks the kernel for 2 MiB pages for tensors of 2 MiB and more) and OMP_WAIT_POLICY=PASSIVE,
+    each unless the environment sets it; where the kernel gives huge pages on request (madvise),
+    a large tensor then has them, and without the setting it has none."""
+    code = (
+        "import os; from aucli.cli import _before_torch_loads; _before_torch_loads(); import torch; "
+        "x = torch.ones(16 * 2**20); x += 1; "  # 64 MiB, touched
+        "huge = [int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')]; "
+        "print(os.environ['THP_MEM_ALLOC_ENABLE'], os.environ['OMP_WAIT_POLICY'], huge[0] if huge else -1)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "OMP_WAIT_POLICY")}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    setting, policy, huge_kib = out.stdout.split()
+    assert (setting, policy) == ("1" if preset is None else preset, "PASSIVE")
+    if _kernel_thp_mode() == "madvise" and int(huge_kib) >= 0:
+        assert (int(huge_kib) >= 32 * 1024) == (preset is None), huge_kib
