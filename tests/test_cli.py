@@ -82,7 +82,8 @@ def test_pretrain_bad_input_is_one_line_and_writes_nothing(tmp_path):
 def _kernel_thp_mode() -> str | None:
     """The kernel's transparent huge page mode (always, madvise or never), or None where unknown."""
     try:
-        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as file:
+            text = file.read()
     except OSError:
         return None
     return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else None
@@ -97,7 +98,8 @@ def test_detect_asks_torch_for_huge_pages_unless_told_otherwise(preset):
     code = (
         "import os; from aucli.cli import _before_torch_loads; _before_torch_loads(); import torch; "
         "x = torch.ones(16 * 2**20); x += 1; "  # 64 MiB, touched
-        "huge = [int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')]; "
+        "rollup = '/proc/self/smaps_rollup'; lines = open(rollup).readlines() if os.path.exists(rollup) else []; "
+        "huge = [int(l.split()[1]) for l in lines if l.startswith('AnonHugePages')]; "
         "print(os.environ['THP_MEM_ALLOC_ENABLE'], os.environ['OMP_WAIT_POLICY'], huge[0] if huge else -1)"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "OMP_WAIT_POLICY")}
