@@ -76,14 +76,17 @@ def test_fused_convolution_relu_gives_the_same_result(block, precision):
     fold_batchnorm(resnet)
     dtype = inference.DTYPES[precision]
     resnet.to(dtype, memory_format=torch.channels_last)
-    frames = torch.randn(3, 3, 64, 64).to(dtype).contiguous(memory_format=torch.channels_last)
+    frames = torch.randn(5, 3, 64, 64).to(dtype).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         x = resnet.maxpool(resnet.act1(resnet.bn1(resnet.conv1(frames))))  # Backbone.forward's ResNet path
         expected = []
         for layer in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
             x = layer(x)
             expected.append(x)
-        got = inference._ResNetFused(resnet)(frames)
+        fused = inference._ResNetFused(resnet)
+        first = fused(frames[:3])  # its weights are reordered for batches of 3 ...
+        got = fused(frames)  # ... and serve other batch sizes alike
+    assert all(conv.weight is None for conv in resnet.modules() if isinstance(conv, torch.nn.Conv2d))
     assert len(got.maps) == 4
     # bf16: the same bits everywhere measured. fp32: the same bits where PyTorch's own
     # convolution runs the same oneDNN kernel (Intel Xeon; AMD Zen 4 on 2 threads); on one
@@ -91,8 +94,8 @@ def test_fused_convolution_relu_gives_the_same_result(block, precision):
     # (measured: up to 9e-6 on values up to ~7).
     same = torch.equal if precision == "bf16" else (
         lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5))
-    for a, b in zip(got.maps, expected):
-        assert a.dtype == dtype and same(a, b)
+    for a, b, c in zip(got.maps, expected, first.maps):
+        assert a.dtype == dtype and same(a, b) and same(c, b[:3])
     assert same(got.tokens, expected[-1].flatten(2).transpose(1, 2))
 
 
@@ -101,10 +104,12 @@ def test_runner_uses_the_fused_backbone_on_the_cpu():
     frames = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     if inference._ResNetFused.available(torch.device("cpu")):
         assert isinstance(runner._backbone, inference._ResNetFused)
+    fused_backbone = runner._backbone
     with torch.inference_mode():
-        fused = runner.encode_frames(frames)
-        runner._backbone = runner.model.backbone
+        runner._backbone = runner.model.backbone  # before the fused one reorders (and drops) the plain weights
         plain = runner.encode_frames(frames)
+        runner._backbone = fused_backbone
+        fused = runner.encode_frames(frames)
     assert torch.equal(fused.static, plain.static)
     assert all(torch.equal(a, b) for a, b in zip(fused.maps, plain.maps))
 
