@@ -5,7 +5,8 @@
 * Channels-last memory layout for the convolutions.
 * On the CPU, each ResNet convolution followed by a ReLU runs as one oneDNN
   call with the ReLU fused (``_ResNetFused``): the same numbers to the bit
-  (ReLU commutes with rounding), one pass over the activations fewer.
+  (ReLU commutes with rounding), one pass over the activations fewer. Each
+  convolution's weight is reordered into oneDNN's layout once, not per call.
 * ``--precision bf16``: the backbone, MFD's projections and fusing
   convolution, and HSR's linear layers (nearly all the arithmetic) compute in
   bfloat16; their outputs return to float32, and the rest of the temporal head

@@ -658,6 +658,8 @@ def detect(
     redetect (full face detection every N frames, 16; 1: every frame), overlap (decode and the
     face stage on a thread of their own beside the model; None: on a CPU with more than one torch
     thread where ``OMP_WAIT_POLICY=PASSIVE``; the table is the same either way). ``overlay``: also
-    write the annotated video (.mp4, .mov, .mkv) there. Metadata is in ``.attrs``.
+    write the annotated video (.mp4, .mov, .mkv) there. Metadata is in ``.attrs``. The command line
+    also sets ``THP_MEM_ALLOC_ENABLE=1`` (huge pages for torch's large tensors, README): set it, and
+    ``OMP_WAIT_POLICY``, before importing torch to get the same here.
     """
     return Detector(checkpoint, **options).run(path, progress, overlay=overlay)
