@@ -218,7 +218,7 @@ class InferenceModel:
         mfd, k = self.model.mfd, self.k
         B, P = motion.shape[:2]
         T = P + 1
-        size = motion[0, 0, 0].numel()
+        size = motion.shape[3:].numel()  # C * 7 * 7
         pooled = []
         for scale in motion.unbind(2):  # per scale, so that each pooled map is contiguous
             x = scale.reshape(B, P, size)  # a view, in the compute dtype: added into float32 exactly

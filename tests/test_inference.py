@@ -86,7 +86,8 @@ def test_fused_convolution_relu_gives_the_same_result(block, precision):
         fused = inference._ResNetFused(resnet)
         first = fused(frames[:3])  # its weights are reordered for batches of 3 ...
         got = fused(frames)  # ... and serve other batch sizes alike
-    assert all(conv.weight is None for conv in resnet.modules() if isinstance(conv, torch.nn.Conv2d))
+    if hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"):  # else the plain weights serve, and stay
+        assert all(conv.weight is None for conv in resnet.modules() if isinstance(conv, torch.nn.Conv2d))
     assert len(got.maps) == 4
     # bf16: the same bits everywhere measured. fp32: the same bits where PyTorch's own
     # convolution runs the same oneDNN kernel (Intel Xeon; AMD Zen 4 on 2 threads); on one
