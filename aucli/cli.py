@@ -195,6 +195,14 @@ def detect(
         "else the one .pt in ./weights/, else the shipped starter."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    face_device: Optional[str] = typer.Option(
+        None, "--face-device", help="Device of the face detector (auto, cpu, cuda or cuda:N). Default: --device's.",
+    ),
+    overlap: Optional[bool] = typer.Option(
+        None, "--overlap/--no-overlap", help="Decode and find faces on a thread of their own beside the model. "
+        "Default: on a CPU with more than one torch thread. The results do not change.",
+        show_default=False,
+    ),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Frames per batch (results do not depend on it)."),
     faces: FaceMode = typer.Option(
         FaceMode.largest, "--faces",
@@ -227,6 +235,7 @@ def detect(
         inputs, output, format.value if format else None, quiet, overlay,
         checkpoint=checkpoint, device=device, batch_size=batch_size, faces=faces.value,
         threshold=threshold, fps=fps, precision=precision.value, redetect=redetect,
+        face_device=face_device, overlap=overlap,
     )
     global _finished
     _finished = True  # every table and overlay is written and closed (detect_cli.run_detect)

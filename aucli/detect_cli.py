@@ -205,6 +205,8 @@ def _run_detect(
         for note in notes:
             console.print(f"aucli: note: {note}")
     options["device"] = processes.device(options.get("device", "auto"))
+    if options.get("face_device") is not None:
+        options["face_device"] = processes.device(options["face_device"])
     try:
         detector = Detector(**options)
         setup_error = None

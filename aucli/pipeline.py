@@ -174,23 +174,42 @@ def resolve_checkpoint(checkpoint: str | Path | None = None) -> Path:
     raise UsageError(f"no checkpoint (and the shipped starter model is missing from this install): {CHECKPOINT_HELP}")
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """auto -> the first CUDA device when present, else the CPU."""
+def resolve_device(device: str | torch.device = "auto", option: str = "--device") -> torch.device:
+    """auto -> the first CUDA device when present, else the CPU. ``option`` names it in errors."""
     name = str(device)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         chosen = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"{option} {name}: expected auto, cpu, cuda or cuda:N") from None
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+            raise UsageError(f"{option} {name}: CUDA is not available on this machine")
         if (chosen.index or 0) >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(f"{option} {name}: only {torch.cuda.device_count()} CUDA device(s)")
     elif chosen.type != "cpu":
-        raise UsageError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+        raise UsageError(f"{option} {name}: expected auto, cpu, cuda or cuda:N")
     return chosen
+
+
+@contextmanager
+def float32_convolutions(*devices: torch.device) -> Iterator[None]:
+    """Float32 convolutions computed in float32 on a GPU inside the block (restored after).
+
+    cuDNN computes them in TF32 by default on NVIDIA GPUs since Ampere (a 10-bit mantissa,
+    ``torch.backends.cudnn.allow_tf32``): ``--precision fp32`` would then not be the reference
+    arithmetic, and the face detector not the CPU's. The flag is torch's, for the whole
+    process; nothing changes where no device is a GPU."""
+    if not any(torch.device(d).type == "cuda" for d in devices):
+        yield
+        return
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
 
 
 class StageTimer:
@@ -349,6 +368,7 @@ class Detector:
         precision: str = "auto",
         redetect: int = REDETECT,
         overlap: bool | None = None,
+        face_device: str | torch.device | None = None,
     ) -> None:
         from .checkpoint import file_sha256, load_model
         from .inference import InferenceModel, resolve_precision
@@ -362,6 +382,8 @@ class Detector:
         if redetect < 1:
             raise UsageError(f"--redetect {redetect}: must be at least 1")
         self.device = resolve_device(device)
+        # MTCNN's device: the model's unless chosen (on a GPU machine the face stage can stay on the CPU).
+        self.face_device = self.device if face_device is None else resolve_device(face_device, "--face-device")
         self.precision = resolve_precision(precision, self.device)
         self.checkpoint = resolve_checkpoint(checkpoint)
         # The file's hash goes into the output's metadata. hashlib releases the GIL, so it
@@ -383,7 +405,7 @@ class Detector:
         self.redetect = redetect
         # The face stage on a thread of its own, beside the model (same results either way).
         self.overlap = overlap_default(self.device) if overlap is None else bool(overlap)
-        self.face_detector = FaceDetector(self.device, min_face_size, min_confidence)
+        self.face_detector = FaceDetector(self.face_device, min_face_size, min_confidence)
         self.model_info = {
             "checkpoint": str(self.checkpoint),
             "sha256": sha256.result(),
@@ -459,6 +481,7 @@ class Detector:
 
         with ExitStack() as stack:
             stack.enter_context(reader)
+            stack.enter_context(float32_convolutions(self.device, self.face_device))
             drawer = None
             if overlay is not None:
                 drawer = stack.enter_context(OverlayWriter(overlay, reader.info, self.labels, self.thresholds))
@@ -596,8 +619,8 @@ class Detector:
         return {
             "aucli_version": __version__,
             "video": video,
-            "model": dict(self.model_info, device=str(self.device), faces=self.faces, redetect=self.redetect,
-                          overlap=self.overlap),
+            "model": dict(self.model_info, device=str(self.device), face_device=str(self.face_device),
+                          faces=self.faces, redetect=self.redetect, overlap=self.overlap),
             "summary": {
                 "frames": frames,
                 "frames_with_face": with_face,
@@ -657,7 +680,8 @@ def detect(
     min_face_size (40), min_confidence (0.9), precision ("auto" | "fp32" | "bf16"),
     redetect (full face detection every N frames, 16; 1: every frame), overlap (decode and the
     face stage on a thread of their own beside the model; None: on a CPU with more than one torch
-    thread where ``OMP_WAIT_POLICY=PASSIVE``; the table is the same either way). ``overlay``: also
+    thread where ``OMP_WAIT_POLICY=PASSIVE``; the table is the same either way), face_device (MTCNN's
+    device, "auto" | "cpu" | "cuda[:N]"; None: the model's). ``overlay``: also
     write the annotated video (.mp4, .mov, .mkv) there. Metadata is in ``.attrs``. The command line
     also sets ``THP_MEM_ALLOC_ENABLE=1`` (huge pages for torch's large tensors, README): set it, and
     ``OMP_WAIT_POLICY``, before importing torch to get the same here.

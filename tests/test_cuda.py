@@ -1,7 +1,8 @@
 """CUDA agrees with the CPU. Skipped where no GPU is present (CI never has one).
 
 These tests have not yet run on a GPU: no GPU was available when they were written
-(nor in the session that added the bf16 and face-stage tests).
+(nor in the sessions that added the bf16, face-stage and TF32 parts). Run them there with
+``pytest -m cuda`` (``benchmarks/device_check.sh speed`` does).
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def float32_convolutions(monkeypatch):
+    """cuDNN's float32 convolutions in float32, not TF32, as ``aucli detect`` runs them
+    (pipeline.float32_convolutions): these tests compare the arithmetic with the CPU's."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 def test_model_on_cuda_matches_cpu():
@@ -85,3 +93,25 @@ def test_bf16_on_cuda_agrees_with_fp32(tmp_path):
     p_columns = [c for c in fp32.columns if c.endswith("_p")]
     assert (fp32[c_columns] == auto[c_columns]).to_numpy().mean() >= 0.995
     assert (fp32[p_columns] - auto[p_columns]).abs().to_numpy().mean() <= 0.01
+
+
+def test_faces_on_the_cpu_beside_the_model_on_cuda(tmp_path):
+    """``--device cuda --face-device cpu --overlap``: MTCNN on the CPU, on a thread of its own,
+    the model on the GPU. The same table to the bit as one stage after the other, and the same
+    faces as a run wholly on the CPU."""
+    import pandas as pd
+    from media_fixtures import VIDEOS, tiny_checkpoint
+
+    from aucli.pipeline import Detector
+
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pt")
+    video = VIDEOS / "face_noface.mov"
+    beside = Detector(checkpoint, device="cuda", face_device="cpu", overlap=True, precision="fp32").run(video)
+    apart = Detector(checkpoint, device="cuda", face_device="cpu", overlap=False, precision="fp32").run(video)
+    cpu = Detector(checkpoint, device="cpu", precision="fp32", overlap=False).run(video)
+    assert beside.attrs["model"]["face_device"] == "cpu" and beside.attrs["model"]["device"].startswith("cuda")
+    pd.testing.assert_frame_equal(beside, apart, check_exact=True)
+    columns = ["success", "face_x", "face_y", "face_w", "face_h"]
+    pd.testing.assert_frame_equal(beside[columns], cpu[columns], check_exact=True)
+    p_columns = [c for c in cpu.columns if c.endswith("_p")]
+    assert (beside[p_columns] - cpu[p_columns]).abs().max().max() <= 2e-3

@@ -333,6 +333,18 @@ def test_unwritable_output_and_checkpoint_problems(tmp_path, monkeypatch, capsys
     assert len(pd.read_csv(tmp_path / "clip.csv")) == 10
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:7" if torch.cuda.is_available() else "cuda"])
+def test_a_face_device_that_is_not_there_is_a_one_line_usage_error(tmp_path, monkeypatch, capsys, checkpoint,
+                                                                   device):
+    clip = make_video(tmp_path / "clip.mp4")
+    out = tmp_path / "aus.csv"
+    code, err = run_cli(monkeypatch, capsys, "detect", clip, "-o", out, "--checkpoint", checkpoint,
+                        "--device", "cpu", "--face-device", device)
+    assert code == 2
+    _one_line_error(err, f"--face-device {device}")
+    assert not out.exists()
+
+
 def test_output_with_an_unknown_suffix_is_refused_not_made_a_folder(tmp_path, monkeypatch, capsys, checkpoint):
     clip = make_video(tmp_path / "clip.mp4")
     code, err = run_cli(monkeypatch, capsys, "detect", clip, "-o", tmp_path / "aus.txt", "--checkpoint", checkpoint)
@@ -536,6 +548,34 @@ def test_face_thread_failures_and_interrupts_stop_the_run_and_the_thread(checkpo
     assert len(faces) == 40 and not threads()
 
 
+def test_float32_convolutions_stay_float32_on_a_gpu(tmp_path, monkeypatch, checkpoint):
+    """cuDNN's TF32 is turned off while a run has a GPU, and restored after; on the CPU
+    nothing changes. Detector.run enters it with the model's and the face detector's devices."""
+    from aucli import pipeline
+
+    cudnn = torch.backends.cudnn
+    monkeypatch.setattr(cudnn, "allow_tf32", True)
+    with pipeline.float32_convolutions(torch.device("cpu")):
+        assert cudnn.allow_tf32
+    with pipeline.float32_convolutions(torch.device("cpu"), torch.device("cuda")):
+        assert not cudnn.allow_tf32
+    assert cudnn.allow_tf32
+    with pytest.raises(KeyError), pipeline.float32_convolutions(torch.device("cuda:0")):
+        raise KeyError("a failure inside")
+    assert cudnn.allow_tf32
+
+    entered = []
+    real = pipeline.float32_convolutions
+
+    def noting(*devices):
+        entered.append(devices)
+        return real(*devices)
+
+    monkeypatch.setattr(pipeline, "float32_convolutions", noting)
+    table = Detector(checkpoint, device="cpu", face_device="cpu").run(make_video(tmp_path / "clip.mp4"))
+    assert len(table) == 10 and entered == [(torch.device("cpu"), torch.device("cpu"))]
+
+
 def test_overlap_only_where_idle_openmp_threads_sleep(monkeypatch):
     from aucli.pipeline import overlap_default
 
@@ -557,16 +597,21 @@ def test_cli_overlaps_the_face_stage_unless_told_otherwise(tmp_path, checkpoint)
     import subprocess
 
     clip = shutil.copy(VIDEOS / "single_face.mp4", tmp_path / "clip.mp4")
-    seen = {}
-    for policy in (None, "ACTIVE"):
+    seen, rows = {}, {}
+    # --no-overlap and --face-device choose for themselves, whatever the environment.
+    for policy, flags in ((None, ()), ("ACTIVE", ()), (None, ("--no-overlap", "--face-device", "cpu"))):
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
         env["OMP_NUM_THREADS"] = "2"
         if policy:
             env["OMP_WAIT_POLICY"] = policy
-        out = tmp_path / f"{policy}.json"
+        out = tmp_path / f"{policy}{len(flags)}.json"
         done = subprocess.run([sys.executable, "-m", "aucli", "detect", str(clip), "-o", str(out), "--checkpoint",
-                               str(checkpoint), "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env)
+                               str(checkpoint), "--device", "cpu", *flags],
+                              capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr
         assert "72 frames, 100% with a face" in done.stderr and " s (decode " in done.stderr
-        seen[policy] = json.loads(out.read_text())["model"]["overlap"]
-    assert seen == {None: True, "ACTIVE": False}
+        written = json.loads(out.read_text())
+        seen[policy, flags] = written["model"]["overlap"], written["model"]["face_device"]
+        rows[policy, flags] = written["rows"]
+    assert list(seen.values()) == [(True, "cpu"), (False, "cpu"), (False, "cpu")]
+    assert all(r == rows[None, ()] for r in rows.values())
