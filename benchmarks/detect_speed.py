@@ -10,10 +10,12 @@ frames per second of decode, faces, model and write (frames / stage seconds,
 from the summary line; each stage's own time, so with the face stage beside
 the model they may add up to more than the run) and start-up (what the run,
 decode to written file, leaves of the end-to-end time: imports, model load,
-exit). Peak RSS: the process's own maximum resident memory.
+exit), and frames/s after start-up (frames / the run's own time: what a long
+video approaches). Peak RSS: the process's own maximum resident memory.
 
     python benchmarks/detect_speed.py [--checkpoint CKPT | --backbone resnet50] [--precision auto]
-        [--device cpu] [--videos NAME ...] [--repeat N] [--loop-minutes 3] [--agreement] [--threads N]
+        [--device cpu] [--face-device cpu] [--overlap auto|on|off] [--videos NAME ...] [--repeat N]
+        [--loop-minutes 3] [--agreement] [--threads N]
 
 Without --checkpoint it times a randomly initialised BP4D model with the chosen
 backbone (speed does not depend on the weights). --loop-minutes M also runs
@@ -164,6 +166,10 @@ def run_cli(video: Path, out: Path, args: argparse.Namespace, checkpoint: Path, 
     ]
     if args.redetect:
         command += ["--redetect", str(args.redetect)]
+    if args.face_device:
+        command += ["--face-device", args.face_device]
+    if args.overlap != "auto":
+        command += ["--overlap" if args.overlap == "on" else "--no-overlap"]
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -194,6 +200,8 @@ def run_cli(video: Path, out: Path, args: argparse.Namespace, checkpoint: Path, 
         # The stages may overlap (the face stage beside the model): start-up is what the run itself
         # (decode to written file, the summary's total) leaves of the end-to-end time.
         "startup": max(seconds - float(found.group(3)), 0.0),
+        # frames/s of the run itself (decode to written file): the figure a long video approaches.
+        "fps_run": frames / max(float(found.group(3)), 1e-9),
         "rss": usage.ru_maxrss / 1024,
     }
 
@@ -202,13 +210,17 @@ def stage_fps(frames: int, seconds: float) -> str:
     return f"{frames / seconds:.0f}" if seconds > 0.05 else "-"
 
 
+def stage_figures(r: dict) -> str:
+    return " | ".join(stage_fps(r["frames"], r["stages"].get(k, 0.0)) for k in STAGES)
+
+
 def speed(args: argparse.Namespace, checkpoint: Path, precision: str, videos: list[Path], tmp: Path) -> None:
     reference = Reference(args.device)
     before = reference.measure()
     print(f"\nreference: timm ResNet-50 fp32, batch 16, forward: {before:.2f} img/s ({load()})")
-    print("| video | frames | with face | end to end s | frames/s | x reference | start-up s | decode fps "
-          "| faces fps | model fps | write fps | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| video | frames | with face | end to end s | frames/s | x reference | start-up s "
+          "| frames/s after start-up | decode fps | faces fps | model fps | write fps | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     results = []
     for video in [v for _ in range(args.repeat) for v in videos]:  # rounds over all videos
         r = run_cli(video, tmp / f"{video.stem}.csv", args, checkpoint, precision)
@@ -216,11 +228,9 @@ def speed(args: argparse.Namespace, checkpoint: Path, precision: str, videos: li
         r["reference"] = (before + after) / 2  # the reference just before and just after this run
         before = after
         results.append(r)
-        s = r["stages"]
         print(f"| {r['video']} | {r['frames']} | {r['face']}% | {r['seconds']:.1f} | {r['fps']:.1f} "
-              f"| {r['fps'] / r['reference']:.2f} | {r['startup']:.1f} | "
-              + " | ".join(stage_fps(r["frames"], s.get(k, 0.0)) for k in STAGES)
-              + f" | {r['rss']:.0f} |", flush=True)
+              f"| {r['fps'] / r['reference']:.2f} | {r['startup']:.1f} | {r['fps_run']:.1f} | "
+              + stage_figures(r) + f" | {r['rss']:.0f} |", flush=True)
     if args.repeat > 1:
         # On a shared machine one run can land on a busy moment: the median of the runs of a
         # video, each against the reference timed around it, ranks code and machines better.
@@ -246,6 +256,9 @@ def speed(args: argparse.Namespace, checkpoint: Path, precision: str, videos: li
               f"{long['frames']} frames ({args.loop_minutes:g} min): peak RSS {long['rss']:.0f} MiB "
               f"({long['rss'] / short['rss'] - 1:+.1%}); looped run {long['fps']:.1f} frames/s = "
               f"{long['fps'] / after:.2f} x the reference timed after it ({after:.2f} img/s)")
+        print(f"looped run: {long['seconds']:.1f} s end to end, start-up {long['startup']:.1f} s, "
+              f"{long['fps_run']:.1f} frames/s after start-up; stage frames/s (decode | faces | model | write): "
+              f"{stage_figures(long)}")
 
 
 def agreement(args: argparse.Namespace, checkpoint: Path, precision: str, videos: list[Path]) -> None:
@@ -257,7 +270,8 @@ def agreement(args: argparse.Namespace, checkpoint: Path, precision: str, videos
     tables = {}
     for name in ("fp32", precision):
         detector = Detector(checkpoint, device=args.device, batch_size=args.batch_size, precision=name,
-                            redetect=args.redetect or REDETECT)
+                            redetect=args.redetect or REDETECT, face_device=args.face_device,
+                            overlap=None if args.overlap == "auto" else args.overlap == "on")
         tables[name] = [detector.run(video) for video in videos]
         del detector
     print(f"\nagreement of --precision {precision} with fp32 (checkpoint {checkpoint}):")
@@ -290,6 +304,9 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--redetect", type=int, help="aucli detect --redetect (default: aucli's)")
+    parser.add_argument("--face-device", help="aucli detect --face-device (default: the model's device)")
+    parser.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
+                        help="aucli detect --overlap / --no-overlap (auto: aucli's default)")
     parser.add_argument("--videos", nargs="*", default=SAMPLES, help="names in sample_videos/videos or paths")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeat", type=int, default=1,
@@ -310,7 +327,8 @@ def main() -> None:
         tmp = Path(tmp)
         checkpoint = args.checkpoint or random_checkpoint(tmp / f"random_{args.backbone}.pt", args.backbone)
         print(f"checkpoint: {args.checkpoint or f'random BP4D MDHR, {args.backbone}, T=16, k=5'}; "
-              f"--precision {args.precision} -> {precision}; batch size {args.batch_size}; device {args.device}")
+              f"--precision {args.precision} -> {precision}; batch size {args.batch_size}; device {args.device}; "
+              f"face device {args.face_device or args.device}; overlap {args.overlap}")
         videos = resolve_videos(args.videos)
         if args.agreement:
             agreement(args, checkpoint, precision, videos)
