@@ -252,10 +252,42 @@ def _before_torch_loads() -> None:
     * ``THP_MEM_ALLOC_ENABLE=1``: torch's CPU allocator asks the kernel for transparent huge
       pages (2 MiB) for tensors of 2 MiB and more; fewer page faults and TLB misses on the
       model's large activations (README, Speed). The results do not change.
+    * glibc's malloc keeps freed memory for reuse (``_keep_freed_memory``), unless the
+      environment tunes malloc itself.
     """
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+        _keep_freed_memory()
+
+
+MALLOC_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_")
+
+
+def _keep_freed_memory() -> None:
+    """glibc's malloc: blocks under 32 MiB from the heap, and the heap's free top kept up to
+    1 GiB instead of being handed back to the kernel (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD).
+
+    By default glibc raises its mmap threshold as large blocks are freed (to 32 MiB at most),
+    but also trims the heap whenever its free top exceeds twice that: the model's activations,
+    freed and allocated again for every batch, then cost fresh page faults each time. With
+    both thresholds fixed, that memory is reused instead (README, Speed: about a third fewer
+    minor page faults and half the system time for a ResNet-50 model on the 472-frame sample;
+    its peak memory rose by about 5 %, as the heap keeps what it freed). Nothing changes where
+    the environment tunes malloc (one of glibc's MALLOC_* variables, or malloc tunables in
+    GLIBC_TUNABLES), or where the C library has no ``mallopt``."""
+    tuned = any(name in os.environ for name in MALLOC_VARIABLES)
+    if not sys.platform.startswith("linux") or tuned or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 1 << 30)
 
 
 @app.command("plot")

@@ -89,6 +89,31 @@ def _kernel_thp_mode() -> str | None:
     return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else None
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("call, preset", [(True, None), (False, None), (True, "MALLOC_MMAP_THRESHOLD_"),
+                                          (True, "GLIBC_TUNABLES")])
+def test_detect_keeps_freed_memory_for_reuse_unless_malloc_is_tuned(call, preset):
+    """Before torch loads, `aucli detect` has glibc's malloc serve blocks under 32 MiB from the heap
+    and keep the heap's freed top (mallopt): a freed 16 MiB block stays in the process for the
+    next batch. Without the call, or where the environment tunes malloc, it goes back at once."""
+    code = (
+        "import ctypes, os, sys; from aucli.cli import _before_torch_loads; "
+        f"_before_torch_loads() if {call} else None; "
+        "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; "
+        "libc.malloc.argtypes = [ctypes.c_size_t]; libc.free.argtypes = [ctypes.c_void_p]; "
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'); "
+        "block = libc.malloc(16 << 20); ctypes.memset(block, 1, 16 << 20); touched = rss(); libc.free(block); "
+        "print((touched - rss()) >> 20)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    if preset is not None:  # glibc's own default threshold, set by the environment
+        env[preset] = "glibc.malloc.mmap_threshold=131072" if preset == "GLIBC_TUNABLES" else "131072"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    returned_mib = int(out.stdout)
+    assert returned_mib == (0 if call and preset is None else 16), returned_mib
+
+
 @pytest.mark.parametrize("preset", [None, "0"])
 def test_detect_asks_torch_for_huge_pages_unless_told_otherwise(preset):
     """Before torch loads, `aucli detect` sets THP_MEM_ALLOC_ENABLE=1 (torch's CPU allocator then
