@@ -684,6 +684,7 @@ def detect(
     device, "auto" | "cpu" | "cuda[:N]"; None: the model's). ``overlay``: also
     write the annotated video (.mp4, .mov, .mkv) there. Metadata is in ``.attrs``. The command line
     also sets ``THP_MEM_ALLOC_ENABLE=1`` (huge pages for torch's large tensors, README): set it, and
-    ``OMP_WAIT_POLICY``, before importing torch to get the same here.
+    ``OMP_WAIT_POLICY``, before importing torch to get the same here. It also fixes two of glibc's
+    malloc thresholds (``aucli.cli._keep_freed_memory``), which only the command line does.
     """
     return Detector(checkpoint, **options).run(path, progress, overlay=overlay)

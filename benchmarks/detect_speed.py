@@ -188,6 +188,7 @@ def run_cli(video: Path, out: Path, args: argparse.Namespace, checkpoint: Path, 
     if not found:
         raise SystemExit(f"no summary line from aucli detect:\n{stderr}")
     frames = int(found.group(1))
+    run_seconds = float(found.group(3))  # the run itself, decode to written file (the summary's total)
     stages = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", found.group(4))}
     share = re.search(r"(\d+)% with a face", stderr)
     return {
@@ -199,9 +200,9 @@ def run_cli(video: Path, out: Path, args: argparse.Namespace, checkpoint: Path, 
         "stages": stages,
         # The stages may overlap (the face stage beside the model): start-up is what the run itself
         # (decode to written file, the summary's total) leaves of the end-to-end time.
-        "startup": max(seconds - float(found.group(3)), 0.0),
-        # frames/s of the run itself (decode to written file): the figure a long video approaches.
-        "fps_run": frames / max(float(found.group(3)), 1e-9),
+        "startup": max(seconds - run_seconds, 0.0),
+        # frames/s of the run itself: the figure a long video approaches.
+        "fps_run": frames / max(run_seconds, 1e-9),
         "rss": usage.ru_maxrss / 1024,
     }
 
