@@ -251,7 +251,7 @@ def _before_torch_loads() -> None:
       face stage can run on a thread of its own beside the model (pipeline.overlap_default).
     * ``THP_MEM_ALLOC_ENABLE=1``: torch's CPU allocator asks the kernel for transparent huge
       pages (2 MiB) for tensors of 2 MiB and more; fewer page faults and TLB misses on the
-      model's large activations (README, Speed). The results do not change.
+      model's large activations (docs/speed.md). The results do not change.
     * glibc's malloc keeps freed memory for reuse (``_keep_freed_memory``), unless the
       environment tunes malloc itself.
     """
@@ -271,7 +271,7 @@ def _keep_freed_memory() -> None:
     By default glibc raises its mmap threshold as large blocks are freed (to 32 MiB at most),
     but also trims the heap whenever its free top exceeds twice that: the model's activations,
     freed and allocated again for every batch, then cost fresh page faults each time. With
-    both thresholds fixed, that memory is reused instead (README, Speed: about a third fewer
+    both thresholds fixed, that memory is reused instead (docs/speed.md: about a third fewer
     minor page faults and half the system time for a ResNet-50 model on the 472-frame sample;
     its peak memory rose by about 5 %, as the heap keeps what it freed). Nothing changes where
     the environment tunes malloc (one of glibc's MALLOC_* variables, or malloc tunables in

@@ -55,7 +55,7 @@ DETECTION_BATCH = 16
 # as full detection on every frame, landmarks within its frame-to-frame jitter
 # (tests/test_faces.py). 16 rather than 8: the face stage of the 472-frame sample took
 # 2.4 s instead of 3.1; the starter's AU decisions there agree with those of full
-# detection on every frame 97.1 % of the time, against 97.5 % with 8 (README, Speed).
+# detection on every frame 97.1 % of the time, against 97.5 % with 8 (README, aucli detect: Faces).
 REDETECT = 16
 FACE_MODES = ("largest", "all")
 NO_FACE_ID = {"largest": 0, "all": -1}  # face_id on rows of frames where no face was found
@@ -75,7 +75,7 @@ def overlap_default(device: torch.device) -> bool:
     """Run the face stage on a thread of its own, beside the model? On a CPU with more than one
     torch thread, and only where OpenMP's idle threads sleep (``OMP_WAIT_POLICY=PASSIVE``, which
     ``aucli detect`` sets unless the environment does). Spinning idle threads keep both cores busy,
-    and the face thread then only delays the model's multi-threaded operations (README, Speed)."""
+    and the face thread then only delays the model's multi-threaded operations (docs/speed.md)."""
     return (device.type == "cpu" and torch.get_num_threads() > 1
             and os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive")
 
@@ -97,7 +97,7 @@ class _Step:
 def _idle_priority() -> None:
     """Let the calling thread run only on a core nothing else of this machine wants (Linux's
     SCHED_IDLE; elsewhere nothing changes). The face thread then never keeps one of the model's
-    OpenMP threads waiting for a core, and runs whenever the model leaves one free (README, Speed)."""
+    OpenMP threads waiting for a core, and runs whenever the model leaves one free (docs/speed.md)."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
@@ -264,7 +264,7 @@ class _KeptRows:
     Kept as small numpy arrays (and views, whose shapes numpy also allocates with malloc)
     among the model's large temporary buffers in the malloc heap, they split its free
     space and the heap grew with the video: peak RSS 2.1 GiB on a 3-minute video against
-    1.2 GiB on 16 s of it (starter model). Kept here, memory stays flat (README, Speed).
+    1.2 GiB on 16 s of it (starter model). Kept here, memory stays flat (docs/speed.md).
     """
 
     def __init__(self, dtype: type = np.float32, rows_per_block: int = 2048) -> None:

@@ -7,7 +7,7 @@
 #   bash benchmarks/device_check.sh agreement   # bf16 against fp32 with the shipped starter
 #
 # Both write their logs under $OUT (what the device tool brings back; a temporary folder
-# elsewhere) and print them too. The two wheels travel in .whl/ (ignored by git; see README,
+# elsewhere) and print them too. The two wheels travel in .whl/ (ignored by git; see docs/speed.md,
 # "Speed on a GPU", for the download command). PyAV's wheel (36 MB) and the tracked tree with
 # the starter (52 MiB) do not fit the tool's 64 MiB together, so run `speed` first with the
 # starter moved out of the tree and .whl carried: it installs the wheels into .site/ (ignored),
@@ -32,7 +32,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD/.site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import av, importlib.util as u; assert u.find_spec('facenet_pytorch')" 2> /dev/null; then
-    echo "device_check: PyAV or facenet-pytorch is missing: carry .whl/ (README, Speed on a GPU)," \
+    echo "device_check: PyAV or facenet-pytorch is missing: carry .whl/ (docs/speed.md, Speed on a GPU)," \
          "or run 'speed' first on this machine while it is warm"
     exit 1
 fi
