@@ -6,6 +6,8 @@
 * On the CPU, each ResNet convolution followed by a ReLU runs as one oneDNN
   call with the ReLU fused (``_ResNetFused``): the same numbers to the bit
   (ReLU commutes with rounding), one pass over the activations fewer. Each
+  block's last convolution also adds the shortcut, in place: the same bits in
+  fp32; in bf16 the sum is rounded once instead of twice. Each
   convolution's weight is reordered into oneDNN's layout once, not per call.
 * ``--precision bf16``: the backbone, MFD's projections and fusing
   convolution, and HSR's linear layers (nearly all the arithmetic) compute in
@@ -313,12 +315,14 @@ class _ResNetFused:
     ReLU follows run as oneDNN's convolution with the ReLU fused. BatchNorm must be folded
     already (``fold_batchnorm``): the ``bn`` modules are identities.
 
-    The residual addition stays a separate step: fusing it too (oneDNN's "add" post-op)
-    measured another ~13 % on the bf16 backbone in a first measurement, but it rounds the
-    sum once instead of twice, so bf16 results would move by one bf16 step; in fp32 it
-    changed nothing and gained ~2 %. Measured again on the 2-core Intel Xeon (AMX),
-    2026-12-06, bf16, batch 16, eight alternating rounds: +0.7 % for ResNet-18 and +2.2 %
-    for ResNet-50 (medians of the paired ratios), too little for the change in the numbers.
+    Each block's last convolution also adds the shortcut and applies the ReLU, writing into
+    the shortcut's memory (oneDNN's in-place "sum" post-op, the way torch.compile's inductor
+    runs a ResNet on CPU). In fp32 that is the same sequence of float operations as the
+    separate addition, so the same bits. In bf16 the sum is rounded once instead of twice
+    (convolution, then addition), which moves about half the map values by one bf16 step
+    (docs/speed.md). On the 2-core Intel Xeon (AMX), batch 16, medians of paired rounds: the
+    ResNet-50 backbone 1.13-1.26x and ResNet-18 1.09x as fast in bf16, 1.07x and 1.04x in fp32.
+    The out-of-place "add" post-op had gained only 0-2 % there.
     """
 
     def __init__(self, resnet: nn.Module) -> None:
@@ -359,23 +363,40 @@ class _ResNetFused:
         conv.weight = None
         return packed
 
-    def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if block.downsample is None else self._conv(block.downsample[0], x, relu=False)
+    def _block(self, block: nn.Module, x: torch.Tensor, overwrite: bool) -> torch.Tensor:
+        """One residual block. ``overwrite``: the block's output may take the memory of ``x``
+        (which is then lost); else a block without a downsampling shortcut copies it first."""
+        if block.downsample is not None:
+            shortcut = self._conv(block.downsample[0], x, relu=False)
+        else:
+            shortcut = x if overwrite else x.clone()
         if isinstance(block, Bottleneck):
             x = self._conv(block.conv2, self._conv(block.conv1, x, relu=True), relu=True)
-            x = self._conv(block.conv3, x, relu=False)
+            last = block.conv3
         else:
             assert isinstance(block, BasicBlock)
-            x = self._conv(block.conv2, self._conv(block.conv1, x, relu=True), relu=False)
-        x += shortcut
-        return torch.relu_(x)
+            x = self._conv(block.conv1, x, relu=True)
+            last = block.conv2
+        if not hasattr(torch.ops.mkldnn, "_convolution_pointwise_"):  # a torch without the in-place op
+            x = self._conv(last, x, relu=False)
+            x += shortcut
+            return torch.relu_(x)
+        weight = self._weights.get(last)
+        if weight is None:
+            weight = self._weights[last] = self._prepack(last, x)
+        torch.ops.mkldnn._convolution_pointwise_.binary(  # shortcut += conv(x); relu, in place
+            shortcut, x, weight, last.bias, last.padding, last.stride, last.dilation, last.groups,
+            "add", 1.0, "relu", [], "",
+        )
+        return shortcut
 
     def __call__(self, x: torch.Tensor) -> BackboneOutput:
         m = self.resnet
         x = m.maxpool(self._conv(m.conv1, x, relu=True))
         maps = []
         for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
-            for block in layer:
-                x = self._block(block, x)
+            for i, block in enumerate(layer):
+                # A layer's first block reads the map the layer before returns: keep that map.
+                x = self._block(block, x, overwrite=not (maps and i == 0))
             maps.append(x)
         return BackboneOutput(maps[-1].flatten(2).transpose(1, 2), maps)
