@@ -319,10 +319,11 @@ class _ResNetFused:
     the shortcut's memory (oneDNN's in-place "sum" post-op, the way torch.compile's inductor
     runs a ResNet on CPU). In fp32 that is the same sequence of float operations as the
     separate addition, so the same bits. In bf16 the sum is rounded once instead of twice
-    (convolution, then addition), which moves about half the map values by one bf16 step
-    (docs/speed.md). On the 2-core Intel Xeon (AMX), batch 16, medians of paired rounds: the
-    ResNet-50 backbone 1.13-1.26x and ResNet-18 1.09x as fast in bf16, 1.07x and 1.04x in fp32.
-    The out-of-place "add" post-op, measured there before, had gained 0.7 % and 2.2 %.
+    (convolution, then addition), which moves a quarter to a half of the map values by a
+    bf16 step or two (docs/speed.md). On the 2-core Intel Xeon (AMX), batch 16, medians of
+    paired rounds: the ResNet-50 backbone 1.13-1.26x and ResNet-18 1.09x as fast in bf16,
+    1.07x and 1.04x in fp32. The out-of-place "add" post-op, measured there before, had
+    gained 0.7 % and 2.2 %.
     """
 
     def __init__(self, resnet: nn.Module) -> None:
