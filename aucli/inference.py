@@ -331,6 +331,8 @@ class _ResNetFused:
             raise ValueError("fold BatchNorm into the convolutions first")
         self.resnet = resnet
         self._weights: dict[nn.Conv2d, torch.Tensor] = {}  # each convolution's weight as oneDNN keeps it
+        # A torch without the in-place op keeps the residual addition as a step of its own.
+        self._sum_in_place = hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
 
     @staticmethod
     def available(device: torch.device) -> bool:
@@ -340,12 +342,15 @@ class _ResNetFused:
             and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
         )
 
-    def _conv(self, conv: nn.Conv2d, x: torch.Tensor, relu: bool) -> torch.Tensor:
+    def _weight(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         weight = self._weights.get(conv)
         if weight is None:
             weight = self._weights[conv] = self._prepack(conv, x)
+        return weight
+
+    def _conv(self, conv: nn.Conv2d, x: torch.Tensor, relu: bool) -> torch.Tensor:
         return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
+            x, self._weight(conv, x), conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
             "relu" if relu else "none", [], "",
         )
 
@@ -378,16 +383,13 @@ class _ResNetFused:
             assert isinstance(block, BasicBlock)
             x = self._conv(block.conv1, x, relu=True)
             last = block.conv2
-        if not hasattr(torch.ops.mkldnn, "_convolution_pointwise_"):  # a torch without the in-place op
+        if not self._sum_in_place:
             x = self._conv(last, x, relu=False)
             x += shortcut
             return torch.relu_(x)
-        weight = self._weights.get(last)
-        if weight is None:
-            weight = self._weights[last] = self._prepack(last, x)
         torch.ops.mkldnn._convolution_pointwise_.binary(  # shortcut += conv(x); relu, in place
-            shortcut, x, weight, last.bias, last.padding, last.stride, last.dilation, last.groups,
-            "add", 1.0, "relu", [], "",
+            shortcut, x, self._weight(last, x), last.bias, last.padding, last.stride, last.dilation,
+            last.groups, "add", 1.0, "relu", [], "",
         )
         return shortcut
 

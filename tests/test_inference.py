@@ -148,7 +148,10 @@ def test_fused_block_keeps_an_input_it_must_not_overwrite():
         kept = fused._block(block, x, overwrite=False)
         assert torch.equal(x, before) and kept.data_ptr() != x.data_ptr()
         taken = fused._block(block, x, overwrite=True)
+        fused._sum_in_place = False  # as on a torch without the in-place op: the addition apart
+        apart = fused._block(block, before.clone(), overwrite=True)
     assert torch.equal(taken, kept)
+    assert torch.equal(apart, kept)  # fp32: the same float operations either way
     if hasattr(torch.ops.mkldnn, "_convolution_pointwise_"):
         assert taken.data_ptr() == x.data_ptr()  # written in place
 
